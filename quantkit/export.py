@@ -1,0 +1,84 @@
+"""Export stage: TensorRT-LLM checkpoint (config.json + rank*.safetensors) and HF unified checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from quantkit.archs import arch_info
+from quantkit.errors import QuantkitError
+from quantkit.models import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def staging_dir(target: Path):
+    """Write into a temporary sibling folder and rename it into place only on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
+                  pp_size: int = 1) -> Path:
+    """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    info = arch_info(model.config.model_type)
+    with staging_dir(target) as tmp, _quiet():
+        try:
+            export_tensorrt_llm_checkpoint(model, decoder_type=info["trtllm_decoder_type"], dtype=DTYPES[dtype],
+                                           export_dir=tmp, inference_tensor_parallel=tp_size,
+                                           inference_pipeline_parallel=pp_size)
+        except Exception as exc:
+            raise QuantkitError(f"TensorRT-LLM export failed for {model.config.model_type}: {exc}",
+                                where="export.trtllm",
+                                fix="set export.trtllm: null to skip it, or report the model type") from exc
+    return target
+
+
+def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> Path:
+    """HF unified checkpoint via `modelopt.torch.export.export_hf_checkpoint` (ModelOpt format).
+
+    The exporter packs weights in place (the model no longer runs afterwards), so it works on a copy.
+    """
+    import copy
+
+    from modelopt.torch.export import export_hf_checkpoint
+
+    model = copy.deepcopy(model)
+
+    if not getattr(model.config, "architectures", None):
+        # The exporter reads architectures to label the checkpoint; take it from the arch file.
+        model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
+    with staging_dir(target) as tmp, _quiet():
+        export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
+    return target
+
+
+def save_tokenizer(tokenizer, *targets: Path) -> None:
+    for t in targets:
+        tokenizer.save_pretrained(t)

@@ -1,0 +1,130 @@
+"""The one registry of quantization methods, built on ModelOpt's shipped presets (`mtq.*_CFG`).
+
+A method names a ModelOpt preset and the few knobs a recipe may turn (block size, SmoothQuant
+alpha, AWQ algorithm, activation granularity, KV cache, exclusions). Everything else comes from
+the preset as NVIDIA ships it, so quantkit never re-types quantizer configs by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quantkit.recipe import QuantizeSection
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    preset: str | None                  # attribute of modelopt.torch.quantization, e.g. "INT4_AWQ_CFG"
+    uses_calibration_data: bool         # False: weights-only statistics, no forward pass over data
+    knobs: frozenset[str] = field(default_factory=frozenset)   # QuantizeSection fields it honours
+    defaults: dict[str, Any] = field(default_factory=dict)
+    trtllm_quant_algo: str | None = None  # what the TensorRT-LLM export writes
+    needs_cuda: bool = False
+
+
+_COMMON = frozenset({"kv_cache", "exclude"})
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("none", "no quantization: the unquantized baseline", None, False, frozenset()),
+        Method(
+            "int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", True,
+            _COMMON | {"smoothquant_alpha", "activations"},
+            {"smoothquant_alpha": 0.5, "activations": "per_tensor"}, "W8A8_SQ_PER_CHANNEL",
+        ),
+        Method(
+            "int4_awq", "INT4 block-wise weights, AWQ scale search, 16-bit activations", "INT4_AWQ_CFG", True,
+            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A16_AWQ",
+        ),
+        Method(
+            "int4_rtn", "INT4 block-wise weights, plain rounding (max calibration, no data): the floor for AWQ",
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", False, _COMMON | {"block_size"}, {"block_size": 128}, "W4A16_AWQ",
+        ),
+        Method(
+            "w4a8_awq", "INT4 block-wise weights with AWQ, FP8 activations", "W4A8_AWQ_BETA_CFG", True,
+            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A8_AWQ",
+        ),
+        Method("fp8", "FP8 E4M3 weights and activations, per-tensor static scales", "FP8_DEFAULT_CFG", True,
+               _COMMON, {}, "FP8"),
+        Method("int8_wo", "INT8 per-channel weights only", "INT8_WEIGHT_ONLY_CFG", False, _COMMON, {}, "W8A16"),
+        Method("nvfp4", "NVFP4 weights and activations (Blackwell)", "NVFP4_DEFAULT_CFG", True, _COMMON, {},
+               "NVFP4", needs_cuda=True),
+    ]
+}
+
+_TUNABLE = ("block_size", "smoothquant_alpha", "awq_algorithm", "activations")
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_method_settings(section: QuantizeSection) -> None:
+    """Reject knobs the method ignores, so a recipe never looks like it set something it did not."""
+    method = get_method(section.method)
+    for knob in _TUNABLE + ("kv_cache",):
+        value = getattr(section, knob)
+        if value is not None and knob not in method.knobs:
+            raise ValueError(
+                f"'{knob}' does not apply to method '{method.name}' (it applies to: "
+                f"{', '.join(m.name for m in METHODS.values() if knob in m.knobs)}); remove it"
+            )
+
+
+def resolved_settings(section: QuantizeSection) -> dict[str, Any]:
+    """The method's knobs with defaults filled in (what the run actually used)."""
+    method = get_method(section.method)
+    out = {k: getattr(section, k) if getattr(section, k) is not None else method.defaults.get(k) for k in _TUNABLE
+           if k in method.knobs}
+    out.update(method=method.name, kv_cache=section.kv_cache, exclude=list(section.exclude))
+    return out
+
+
+def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
+    """Return the ModelOpt `mtq.quantize` config for a recipe's quantize section (None for 'none')."""
+    import modelopt.torch.quantization as mtq
+
+    method = get_method(section.method)
+    if method.preset is None:
+        return None
+    settings = resolved_settings(section)
+    cfg = copy.deepcopy(getattr(mtq, method.preset))
+    entries: list[dict] = cfg["quant_cfg"]
+
+    def weight_cfgs() -> list[dict]:
+        out = []
+        for e in entries:
+            if e.get("quantizer_name") == "*weight_quantizer" and "cfg" in e:
+                out.extend(e["cfg"] if isinstance(e["cfg"], list) else [e["cfg"]])
+        return out
+
+    if settings.get("block_size") is not None:
+        for wc in weight_cfgs():
+            if wc.get("block_sizes") and wc.get("num_bits") == 4:
+                wc["block_sizes"] = {**wc["block_sizes"], -1: settings["block_size"]}
+                wc["block_sizes"].pop("-1", None)
+    if method.name == "int8_sq":
+        cfg["algorithm"] = {"method": "smoothquant", "alpha": settings["smoothquant_alpha"]}
+        if settings["activations"] == "per_token":
+            # Dynamic per-token activation scales, as TensorRT-LLM's per-token SmoothQuant plugins compute them.
+            for e in entries:
+                if e.get("quantizer_name") == "*input_quantizer" and "cfg" in e:
+                    e["cfg"] = {"num_bits": 8, "axis": None, "type": "dynamic", "block_sizes": {-1: None}}
+    if settings.get("awq_algorithm") is not None:
+        algo = cfg["algorithm"]
+        cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}
+        if settings["awq_algorithm"] == "awq_clip":
+            cfg["algorithm"].pop("alpha_step", None)
+    for pattern in section.exclude:
+        entries.append({"quantizer_name": f"*{pattern}*", "enable": False})
+    if section.kv_cache == "fp8":
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
+    return cfg

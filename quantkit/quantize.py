@@ -1,0 +1,103 @@
+"""Quantize stage: recipe → ModelOpt config → `mtq.quantize(model, cfg, forward_loop)`."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from quantkit.calibration import CalibrationSet
+from quantkit.errors import QuantkitError
+from quantkit.methods import build_modelopt_config, get_method, resolved_settings
+from quantkit.recipe import QuantizeSection
+
+log = logging.getLogger(__name__)
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, f"*{p}*") for p in patterns)
+
+
+def quantized_linears(model: torch.nn.Module, exclude: list[str]) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not _excluded(n, exclude)}
+
+
+def check_shapes(model: torch.nn.Module, section: QuantizeSection) -> None:
+    """Fail before calibration when a block size does not divide a layer's in-features."""
+    settings = resolved_settings(section)
+    block = settings.get("block_size")
+    if not block:
+        return
+    bad = {n: m.in_features for n, m in quantized_linears(model, section.exclude).items() if m.in_features % block}
+    if bad:
+        dims = sorted(set(bad.values()))
+        fits = math.gcd(*dims)
+        good = [b for b in (128, 64, 32, 16) if fits % b == 0]
+        first = ", ".join(f"{n} ({d})" for n, d in list(bad.items())[:3])
+        raise QuantkitError(
+            f"block_size {block} does not divide the in-features of {len(bad)} layers, e.g. {first}",
+            where="quantize.block_size",
+            fix=(f"set quantize.block_size to {good[0]}" if good else "exclude those layers via quantize.exclude")
+            + f" (in-features present: {', '.join(map(str, dims))})",
+        )
+
+
+class ForwardCounter:
+    """Counts calibration forward passes (a data-free method must make none)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+
+def make_forward_loop(calib: CalibrationSet, counter: ForwardCounter, desc: str = "calibrate"):
+    def forward_loop(model: torch.nn.Module) -> None:
+        device = next(model.parameters()).device
+        # AWQ calls the loop more than once (search, then apply): one bar per pass.
+        with torch.no_grad():
+            for batch in tqdm(calib.batches(), total=len(calib), desc=desc, unit="batch", leave=False):
+                model(batch.to(device))
+                counter.batches += 1
+
+    return forward_loop
+
+
+def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet | None,
+                   counter: ForwardCounter | None = None) -> torch.nn.Module:
+    """Quantize `model` in place (ModelOpt fake quantization) and return it."""
+    method = get_method(section.method)
+    cfg = build_modelopt_config(section)
+    if cfg is None:
+        return model
+    if method.needs_cuda and not torch.cuda.is_available():
+        raise QuantkitError(f"method '{method.name}' needs a CUDA GPU; this machine has none",
+                            where="quantize.method", fix="run it on a GPU machine or pick another method")
+    check_shapes(model, section)
+    import modelopt.torch.quantization as mtq
+
+    counter = counter or ForwardCounter()
+    forward_loop = None
+    if method.uses_calibration_data:
+        if calib is None:
+            raise QuantkitError(f"method '{method.name}' needs calibration data", where="calibration")
+        forward_loop = make_forward_loop(calib, counter, desc=f"calibrate {method.name}")
+    # ModelOpt prints its config and every inserted quantizer: keep that in the debug log, not the terminal.
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        model = mtq.quantize(model, cfg, forward_loop)
+    log.debug("modelopt output:\n%s", chatter.getvalue())
+    return model
+
+
+def quantizer_summary(model: torch.nn.Module) -> dict[str, int]:
+    """How many quantizers of each kind are enabled (a sanity line for the log and results)."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Quantizer") and getattr(module, "is_enabled", False):
+            kind = name.rsplit(".", 1)[-1]
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
