@@ -50,7 +50,7 @@ def _hub(name: str, max_docs: int = 5000) -> list[str]:
     try:
         ds = load_dataset(repo, config, split=split, streaming=True, **kwargs)
         return [row[text_field] for _, row in zip(range(max_docs), ds, strict=False) if row[text_field].strip()]
-    except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
+    except Exception as exc:
         raise CalibrationDataError(
             f"could not load Hub dataset '{name}' ({repo}): {str(exc).splitlines()[0][:200]}",
             where=WHERE,

@@ -31,7 +31,7 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 NEWS_FILE = "lee_background.cor"
 
 # A page goes to "eval" when sha1(title) % WIKI_EVAL_MODULUS == 0. With 5 the held-apart part is
-# 22 articles, ~154k SmolLM2 tokens; the rest (~86 articles, ~610k tokens) is for calibration.
+# 21 articles, ~149k SmolLM2 tokens; the other 74 articles (~526k tokens) are for calibration.
 WIKI_EVAL_MODULUS = 5
 # Pages shorter than this after cleaning are stubs or lists; they add markup noise, not prose.
 WIKI_MIN_CHARS = 2000
@@ -54,7 +54,8 @@ _SPACES = re.compile(r"[ \t\u00a0]+")
 _LEFTOVER = re.compile(r"\[\[|\]\]|\{\{|\}\}|\{\||\|\}")
 # Image options that filter_wiki leaves after a caption: "caption|alt=...", "caption|thumb".
 _IMAGE_OPTIONS = re.compile(r"\|\s*(alt=|thumb|upright|frameless|frame|left|right|center)\b.*$")
-_IMAGE_SIZE = re.compile(r"\|\s*\d+(x\d+)?px")  # "caption|220x220px" and sometimes glued to the next paragraph
+# "caption|220x220px", sometimes glued to the next paragraph's first word.
+_IMAGE_SIZE = re.compile(r"\|\s*\d+(x\d+)?px")
 _STRAY_SIZE = re.compile(r"\s*\b\d+(x\d+)?px(?![a-z])")  # "Africa 30px" left from flag icons
 # Gallery entries: "Some picture.jpg|caption" (with or without a "File:" prefix).
 _GALLERY_LINE = re.compile(r"^[^|]*\.(jpe?g|png|gif|svg|tiff?|ogg|ogv|webm)\s*\|", re.IGNORECASE)
@@ -141,7 +142,7 @@ def _wiki_pages() -> list[dict[str, str]]:
     from quantkit.models import cache_dir
 
     source = wiki_dump_path()
-    key = f"{WIKI_FILE}:{source.stat().st_size}:v{WIKI_CLEAN_VERSION}:m{WIKI_EVAL_MODULUS}:min{WIKI_MIN_CHARS}"
+    key = f"{WIKI_FILE}:{source.stat().st_size}:v{WIKI_CLEAN_VERSION}:m{WIKI_EVAL_MODULUS}:{WIKI_MIN_CHARS}"
     cache = cache_dir() / "corpora" / f"wiki-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if cache.is_file():
         try:
@@ -186,7 +187,9 @@ def _write_json_atomic(path: Path, obj: object) -> None:
 def wiki_articles(split: Literal["calib", "eval"]) -> list[str]:
     """Cleaned Wikipedia articles of one split, in dump order (deterministic)."""
     if split not in ("calib", "eval"):
-        raise CalibrationDataError(f"unknown wiki split '{split}'", where="wiki_articles", fix="use 'calib' or 'eval'")
+        raise CalibrationDataError(
+            f"unknown wiki split '{split}'", where="wiki_articles", fix="use 'calib' or 'eval'"
+        )
     return [p["text"] for p in _wiki_pages() if p["split"] == split]
 
 

@@ -63,7 +63,7 @@ _TUNABLE = ("block_size", "smoothquant_alpha", "awq_algorithm", "activations")
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"field 'method': unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -74,7 +74,7 @@ def check_method_settings(section: QuantizeSection) -> None:
         value = getattr(section, knob)
         if value is not None and knob not in method.knobs:
             raise ValueError(
-                f"'{knob}' does not apply to method '{method.name}' (it applies to: "
+                f"field '{knob}': '{knob}' does not apply to method '{method.name}' (it applies to: "
                 f"{', '.join(m.name for m in METHODS.values() if knob in m.knobs)}); remove it"
             )
 

@@ -8,11 +8,12 @@ metadata, model, quantize, calibration, export, build, evaluate. Unknown keys ar
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from quantkit.errors import RecipeError
 
@@ -42,6 +43,13 @@ class QuantizeSection(_Section):
     )
     kv_cache: Literal["fp8"] | None = None
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns kept unquantized")
+
+    @model_validator(mode="after")
+    def _knobs_apply(self) -> QuantizeSection:
+        from quantkit.methods import check_method_settings
+
+        check_method_settings(self)  # raises ValueError("field '<knob>': ...") with the fix
+        return self
 
     @field_validator("block_size")
     @classmethod
@@ -110,13 +118,18 @@ class Recipe(_Section):
     evaluate: EvaluateSection
     bench: BenchSection | None = None
     output_dir: str = Field(default="runs", description="parent folder of the run folder")
+    _source: tuple[str, dict] | None = PrivateAttr(default=None)  # (file, {field path: line})
 
-    @model_validator(mode="after")
-    def _method_known(self) -> Recipe:
-        from quantkit.methods import check_method_settings
-
-        check_method_settings(self.quantize)  # raises ValueError with the field and the fix
-        return self
+    def locate(self, dotted: str) -> str:
+        """'calibration.dataset' -> 'recipes/x.yaml:7: calibration.dataset' (as precise as the file allows)."""
+        if self._source is None:
+            return dotted
+        path, lines = self._source
+        keys = tuple(dotted.split("."))
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in lines:
+                return f"{path}:{lines[keys[:n]]}: {dotted}"
+        return f"{path}: {dotted}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.metadata.name
@@ -151,7 +164,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise RecipeError(f"recipe file '{path}' does not exist", fix="check the path") from None
     try:
         node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -222,16 +235,19 @@ def _format_errors(exc: ValidationError, path: Path, lines: dict[tuple, int], ov
     msgs = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        named = re.match(r"field '(\w+)': (.*)", msg, re.S)
+        if named:  # a section-level validator that names the field it is about
+            loc, msg = (*loc, named.group(1)), named.group(2)
         line = None
         for n in range(len(loc), 0, -1):  # nearest enclosing key that the file gives
             if loc[:n] in lines:
                 line = lines[loc[:n]]
                 break
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
         where = f"{path}:{line}" if line else str(path)
         if loc in overridden:
             where += " (from --set)"
-        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown key '{loc[-1]}'" + _suggest(loc)
         elif err["type"] == "missing":
@@ -265,6 +281,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = apply_overrides(data, overrides)
     overridden = {tuple(keys) for keys, _ in parse_overrides(overrides)}
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, path, lines, overridden)) from None
+    recipe._source = (str(path), lines)
+    return recipe

@@ -1,0 +1,328 @@
+"""Bench stage: greedy generation speed of a run's exported checkpoint on real low-precision kernels.
+
+`bench_model` runs its own decode loop over transformers' StaticCache (not `generate`): prefill once, then one
+token per step with static shapes. On CUDA the per-token step is captured once as a CUDA graph and replayed (the
+step feeds its own output back, so a replay is one whole decode step with no host work); the repeated regions
+(norms, MLPs, quantized projections, rotary embedding) are compiled with torch.compile first so the small ops
+around each GEMM fuse into few kernels. DESIGN.md: `torch.compile(mode="reduce-overhead")` inside HF `generate`
+failed ("tensor output of CUDAGraphs that has been overwritten"); owning the loop and the graph avoids that.
+On CPU the loop runs eagerly (numbers there are for comparing runs, not deployment speed).
+
+Measured per batch size: prefill tokens/s, decode tokens/s, time to first token (prefill + first token), peak GPU
+memory (torch.cuda.max_memory_allocated) and peak CPU memory (ru_maxrss); plus the checkpoint size on disk.
+Results go to `RUN/bench/bench.json` (written to a temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.recipe import BenchSection
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def checkpoint_size(path: str | Path) -> int:
+    """Bytes of all files under `path` (a folder) or of the file itself."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def peak_cpu_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def compiled_regions(model: nn.Module, enabled: bool):
+    """torch.compile the repeated regions that hold no cache state: norms, MLPs, quantized projections and the
+    rotary embedding function. Compiled once per class and input shape and reused by every layer (the cache
+    update and attention stay eager: the layer index inside them would make dynamo specialise per layer)."""
+    if not enabled:
+        yield []
+        return
+    import sys as _sys
+
+    import torch._dynamo
+
+    from quantkit.runtime import QuantLinear
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    compiled: list[str] = []
+    in_mlp: set[int] = set()
+    originals: list[tuple[nn.Module, Any]] = []
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if cls.endswith("MLP"):
+            in_mlp.update(id(m) for m in mod.modules())
+        if cls.endswith(("RMSNorm", "MLP")) or (isinstance(mod, QuantLinear) and id(mod) not in in_mlp):
+            originals.append((mod, mod.forward))
+            mod.forward = torch.compile(mod.forward, dynamic=False)
+            compiled.append(name)
+    rope_mod = _sys.modules.get(type(model).__module__)
+    rope = getattr(rope_mod, "apply_rotary_pos_emb", None)
+    if rope is not None:
+        rope_mod.apply_rotary_pos_emb = torch.compile(rope, dynamic=False)
+        compiled.append(f"{rope_mod.__name__}.apply_rotary_pos_emb")
+    try:
+        yield compiled
+    finally:
+        for mod, fwd in originals:
+            mod.forward = fwd
+        if rope is not None:
+            rope_mod.apply_rotary_pos_emb = rope
+
+
+class Generator:
+    """Greedy generation for a fixed batch size and length with a static KV cache and (optionally) a CUDA graph."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, device: torch.device,
+                 cuda_graph: bool) -> None:
+        from transformers import StaticCache
+
+        self.model, self.device, self.b = model, device, batch_size
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.tok = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # the step's static input
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.want_graph = cuda_graph and device.type == "cuda"
+        self.graph_error: str | None = None
+
+    def _step(self) -> None:
+        # One decode step in place: positions come from the cache's own on-device counter (no host sync).
+        logits = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True).logits
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.cache.reset()
+        ctx = torch.compiler.set_stance("force_eager")  # prefill is one big GEMM per layer: compile buys nothing
+        with ctx:
+            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+    def prepare(self, ids: torch.Tensor) -> None:
+        """Warm up (compiles, autotunes) and capture the graph; leaves the cache to be reset by `prefill`."""
+        self.prefill(ids)
+        for _ in range(3):
+            self._step()
+        _sync(self.device)
+        if not self.want_graph:
+            return
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, and says so
+            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            self.graph = None
+            _sync(self.device)
+
+    def decode(self, steps: int) -> torch.Tensor:
+        out = torch.empty((self.b, steps), dtype=torch.long, device=self.device)
+        for i in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            out[:, i : i + 1].copy_(self.tok)
+        return out
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+        """Greedy tokens [b, new_tokens], time to first token (s), decode time for the rest (s)."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.prefill(ids)
+        first = self.tok.clone()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        rest = self.decode(new_tokens - 1)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return torch.cat([first, rest], dim=1), t1 - t0, t2 - t1
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: str | torch.device, *,
+                compile: bool | None = None, cuda_graph: bool | None = None, seed: int = 0) -> dict[str, Any]:
+    """Greedy-generation speed of `model` for each batch size in `bench` (prompts: random token ids).
+
+    compile / cuda_graph default to on for CUDA and off for CPU. The tokenizer is only used for its name: the
+    prompts are random ids of exactly `bench.input_len` tokens so every method sees identical work.
+    """
+    from quantkit.runtime import kernel_summary, weight_bytes
+
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    compile = on_cuda if compile is None else compile
+    cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+    vocab = model.config.vocab_size
+    result: dict[str, Any] = {
+        "device": device.type, "card": card_name(device), "torch": torch.__version__,
+        "settings": bench.model_dump(), "compile": compile, "cuda_graph": cuda_graph,
+        "weight_bytes_per_step": weight_bytes(model), "kernels": kernel_summary(model),
+        "tokenizer": getattr(tokenizer, "name_or_path", None), "results": [],
+    }
+    gen_ = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(), compiled_regions(model, compile) as compiled:
+        result["compiled_regions"] = len(compiled)
+        for b in bench.batch_sizes:
+            ids = torch.randint(0, vocab, (b, bench.input_len), generator=gen_).to(device)
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t_prep = time.perf_counter()
+            gen = Generator(model, b, bench.input_len + bench.output_len, device, cuda_graph)
+            gen.prepare(ids)
+            prep_s = time.perf_counter() - t_prep
+            runs = []
+            tokens = None
+            for i in range(bench.warmup + bench.repeats):
+                tokens, ttft, dec = gen.generate(ids, bench.output_len)
+                if i >= bench.warmup:
+                    runs.append((ttft, dec))
+            ttft = statistics.median(r[0] for r in runs)
+            dec = statistics.median(r[1] for r in runs)
+            steps = bench.output_len - 1
+            row = {
+                "batch_size": b, "input_len": bench.input_len, "output_len": bench.output_len,
+                "ttft_s": ttft, "prefill_tok_s": b * bench.input_len / ttft,
+                "decode_s": dec, "decode_tok_s": b * steps / dec if steps and dec > 0 else None,
+                "decode_step_ms": 1e3 * dec / steps if steps else None,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
+                "peak_cpu_mb": peak_cpu_mb(), "cuda_graph": gen.graph is not None,
+                "graph_error": gen.graph_error, "prepare_s": prep_s, "repeats": len(runs),
+                "first_tokens": tokens[0, :8].tolist() if tokens is not None else [],
+            }
+            result["results"].append(row)
+            log.info("batch %d: prefill %.0f tok/s, decode %.1f tok/s, ttft %.3f s", b, row["prefill_tok_s"],
+                     row["decode_tok_s"] or 0.0, ttft)
+            del gen
+            if on_cuda:
+                torch.cuda.empty_cache()
+    return result
+
+
+def _recipe(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        from quantkit.errors import QuantkitError
+
+        raise QuantkitError(f"'{run_dir}' has no recipe.yaml, so it is not a run folder", where=str(run_dir),
+                            fix="give the folder that `quantkit run` created")
+    return yaml.safe_load(path.read_text())
+
+
+def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, device: str | None = None,
+              **kwargs: Any) -> dict[str, Any]:
+    """Benchmark a run folder's HF export (or, for a `none` run, the unquantized source model) and write
+    RUN/bench/bench.json. `bench_section` defaults to the recipe's `bench:` section, else BenchSection()."""
+    from quantkit.errors import QuantkitError
+    from quantkit.models import DTYPES, load_model, resolve_model_path
+    from quantkit.runtime import load_quantized
+
+    run_dir = Path(run_dir)
+    recipe = _recipe(run_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method = recipe["quantize"]["method"]
+    dtype_name = recipe["model"].get("dtype", "bfloat16")
+    section = bench_section or BenchSection(**(recipe.get("bench") or {}))
+    hf_dir = run_dir / "export" / "hf"
+    t0 = time.perf_counter()
+    if method == "none":
+        model, tokenizer = load_model(recipe["model"]["source"], dtype_name, device)
+        size_path = hf_dir if hf_dir.is_dir() else Path(resolve_model_path(recipe["model"]["source"]))
+        loaded = f"unquantized {recipe['model']['source']}"
+    else:
+        if not (hf_dir / "config.json").is_file():
+            raise QuantkitError(f"run '{run_dir.name}' has no HF export at {hf_dir}", where="export.hf",
+                                fix="set export.hf: true in the recipe and rerun `quantkit run`")
+        model, tokenizer = load_quantized(hf_dir, device, DTYPES[dtype_name])
+        size_path, loaded = hf_dir, str(hf_dir)
+    load_s = time.perf_counter() - t0
+    result = bench_model(model, tokenizer, section, device, **kwargs)
+    result.update(run=run_dir.name, method=method, loaded=loaded, load_s=round(load_s, 2),
+                  checkpoint_bytes=checkpoint_size(size_path), model_dtype=dtype_name,
+                  finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    from quantkit.runfolder import RunFolder, atomic_write_json, fingerprint
+
+    atomic_write_json(run_dir / "bench" / "bench.json", result)
+    RunFolder.open(run_dir).record("bench", fingerprint(section.model_dump(), device, method),
+                                   time.perf_counter() - t0, device=result["card"])
+    try:  # refresh results.json so `quantkit compare` sees the numbers; the bench result stands either way
+        from quantkit.report import write_run_report
+
+        write_run_report(run_dir)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("bench.json written, but the run report was not refreshed: %s", exc)
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result.get('run', '')} [{result.get('method', '')}] on {result['card']} "
+             f"(checkpoint {result.get('checkpoint_bytes', 0) / 2**20:.1f} MiB, compile={result['compile']}, "
+             f"cuda_graph={result['cuda_graph']})",
+             "| batch | prefill tok/s | decode tok/s | TTFT s | peak GPU MiB | peak CPU MiB |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "–"
+        dec = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "–"
+        lines.append(f"| {r['batch_size']} | {r['prefill_tok_s']:.0f} | {dec} | {r['ttft_s']:.3f} | {gpu} | "
+                     f"{r['peak_cpu_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    result = bench_run(args.run, device=args.device)
+    print(format_table(result))
+    print(f"wrote {Path(args.run) / 'bench' / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="speed of a run's exported checkpoint (tokens/s, TTFT, memory)")
+    p.add_argument("run", help="run folder (holds recipe.yaml and export/hf)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda when available, else cpu")
+    p.set_defaults(func=_cmd_bench)

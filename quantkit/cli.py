@@ -1,0 +1,135 @@
+"""Command line: `quantkit run|validate|compare|methods` plus the stage commands (check, build, package, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+# Modules that add their own sub-commands through `register_cli(subparsers)`.
+STAGE_COMMANDS = ("quantkit.check", "quantkit.build", "quantkit.package", "quantkit.bench")
+
+
+@contextlib.contextmanager
+def _located(recipe):
+    """Point errors about a recipe field at the file and line that set it."""
+    try:
+        yield
+    except QuantkitError as exc:
+        if exc.where and exc.where.split(".")[0] in type(recipe).model_fields:
+            exc.where = recipe.locate(exc.where)
+        raise
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from quantkit.pipeline import run_recipe
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    with _located(recipe):
+        run_dir = run_recipe(recipe, force=args.force, device=args.device)
+    print((run_dir / "summary.md").read_text())
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from quantkit.methods import resolved_settings
+    from quantkit.pipeline import preflight
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    with _located(recipe):
+        preflight(recipe)  # model, shapes, calibration data and tasks, as `run` checks them
+    print(f"{args.recipe}: valid. Method {recipe.quantize.method} with {resolved_settings(recipe.quantize)}; "
+          f"run folder {recipe.run_dir()}")
+    if args.show:
+        print(recipe.to_yaml())
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from quantkit.report import compare_runs
+
+    table = compare_runs([Path(r) for r in args.runs], Path(args.baseline) if args.baseline else None)
+    print(table)
+    if args.out:
+        from quantkit.runfolder import atomic_write_text
+
+        atomic_write_text(Path(args.out), table + "\n")
+    return 0
+
+
+def _cmd_methods(_: argparse.Namespace) -> int:
+    from quantkit.methods import METHODS
+
+    for m in METHODS.values():
+        knobs = ", ".join(sorted(m.knobs)) or "-"
+        print(f"{m.name:10s} {m.description}\n{'':10s} knobs: {knobs}; TensorRT-LLM quant_algo: {m.trtllm_quant_algo}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantkit", description="Post-training quantization of LLMs from a recipe.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (ModelOpt's own output too)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe end to end into its run folder")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. quantize.block_size=64")
+    p.add_argument("--force", action="store_true", help="delete the run folder first and redo every stage")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--output-dir", default=None, help="parent folder for the run folder (default: recipe's output_dir)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--show", action="store_true", help="print the fully resolved recipe")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("compare", help="accuracy table across run folders")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--baseline", default=None, help="run folder to compute deltas against (default: the method-none run)")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("methods", help="list quantization methods")
+    p.set_defaults(func=_cmd_methods)
+
+    for module_name in STAGE_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("modelopt", "transformers", "lm_eval", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except QuantkitError as exc:
+        print(f"quantkit: error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("quantkit: interrupted; finished stages are kept and the next run resumes after them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The run folder: the contract between stages.
+
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a
+half-written file. `manifest.json` records one entry per finished stage: its fingerprint (a hash
+of the inputs that determine its outputs), wall time, peak memory and tool versions; a stage
+whose fingerprint is unchanged is skipped on rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("quantkit", "torch", "transformers", "nvidia-modelopt", "lm_eval", "tensorrt_llm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    entries: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path) -> RunFolder:
+        manifest = path / MANIFEST
+        entries = read_json(manifest)["stages"] if manifest.is_file() else {}
+        return cls(path, entries)
+
+    def done(self, stage: str, fp: str) -> bool:
+        entry = self.entries.get(stage)
+        return bool(entry and entry.get("fingerprint") == fp and entry.get("status") == "done")
+
+    def record(self, stage: str, fp: str, wall_s: float, **extra: Any) -> None:
+        self.entries[stage] = {
+            "status": "done", "fingerprint": fp, "wall_s": round(wall_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": tool_versions(), **extra,
+        }
+        atomic_write_json(self.path / MANIFEST, {"run": self.path.name, "stages": self.entries})
+
+    def invalidate(self, stage: str) -> None:
+        if self.entries.pop(stage, None) is not None:
+            atomic_write_json(self.path / MANIFEST, {"run": self.path.name, "stages": self.entries})
+
+    @contextmanager
+    def stage(self, name: str, fp: str, log, **extra: Any):
+        """Time a stage, log one line with its wall time, and record it when it succeeds."""
+        start = time.perf_counter()
+        log.info("[%s] started", name)
+        info: dict[str, Any] = dict(extra)
+        yield info
+        wall = time.perf_counter() - start
+        self.record(name, fp, wall, **info)
+        log.info("[%s] done in %.1f s", name, wall)

@@ -1,0 +1,455 @@
+"""Run an HF unified (ModelOpt-format) checkpoint written by quantkit with real low-precision arithmetic.
+
+`load_quantized(hf_dir)` builds the transformers model from `config.json` alone (no ModelOpt needed at run time)
+and replaces each quantized `nn.Linear` with a module that computes on the stored quantized weights.
+
+What the checkpoint holds and what it means (read from ModelOpt 0.47's exporter, `export/unified_export_hf.py`,
+`export/quant_utils.py`, and its fake quantizer `quantization/tensor_quant.py`, which is the reference we must
+reproduce):
+- FP8 (`F8_E4M3` weight): w = w8 * weight_scale (scalar, amax/448); activations are quantized statically:
+  x8 = e4m3(clamp(x / input_scale, -448, 448)), input_scale = amax/448.
+- INT8 SmoothQuant (`I8` weight + `input_scale`): w = w8 * weight_scale[out] (per channel, amax/127); x is first
+  multiplied by `pre_quant_scale` (where the exporter did not fold it into the previous norm), then quantized
+  statically per tensor: q = clamp(round_half_even(x / input_scale), -128, 127), input_scale = amax/127 (ModelOpt's
+  integer quantizer is not narrow-range). Dynamic per-token INT8 writes no `input_scale`; it is not supported here.
+- INT8 weight-only (`I8` weight, no `input_scale`): w = w8 * weight_scale[out].
+- INT4 AWQ / RTN (`U8` weight [out/2, in]): two *output rows* per byte, row 2j in the low nibble, row 2j+1 in the
+  high nibble, signed two's complement in [-8, 7]; w = q * weight_scale[out, in/group] (amax/7, symmetric, no zero
+  point); x * pre_quant_scale first where present (AWQ folds the q/k/v and gate/up scales into the norms).
+- W4A8 AWQ: as INT4, then the dequantized weight goes through FP8 with `weight_scale_2` (amax/448), and the
+  activations through FP8 with `input_scale` (ModelOpt's SequentialQuantizer: int4 block, then fp8 per tensor).
+- FP8 KV cache: `k_proj.k_scale` / `v_proj.v_scale` (amax/448). Applied as FP8 fake quantization of K and V at the
+  attention call, exactly where ModelOpt's fake-quantized model applies it: the numerics of an FP8 KV cache, not
+  its memory saving (the static cache still stores bf16).
+
+Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
+QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant):
+| format     | CUDA, M <= 16 (decode)                            | CUDA, M > 16 (prefill)        | CPU              |
+|------------|---------------------------------------------------|-------------------------------|------------------|
+| fp8        | torch._scaled_mm (sm89+; M padded to 16)          | torch._scaled_mm              | dequant          |
+| int8_sq    | quantkit Triton W8A8 (int8 tensor cores)          | torch._int_mm (cuBLASLt)      | dequant          |
+| int8_wo    | quantkit Triton W8A16                             | dequant + cuBLAS bf16         | dequant          |
+| int4 (W4A16)| aten._weight_int4pack_mm (tinygemm) at M = 1,    | dequant + cuBLAS bf16         | dequant          |
+|            | quantkit Triton W4A16 at 2 <= M <= 16             |                               |                  |
+| w4a8_awq   | dequant (emulation; no W4A8 kernel in PyTorch)    | dequant                       | dequant          |
+"dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* (the
+model's memory stays quantized) and multiplied with F.linear in the model dtype, with activations fake-quantized
+exactly as ModelOpt does. `torch._int_mm` is not used at decode: DESIGN.md measured it at 0.16x of bf16 at M=1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.kernels import triton_gemm
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = 448.0
+DECODE_MAX_M = triton_gemm.MAX_M
+# tinygemm is the fastest int4 kernel measured at M = 1 but 2-3x slower than bf16 at M = 16 (DESIGN.md), so it is
+# used for M <= this and the Triton kernel above it.
+INT4_TINYGEMM_MAX_M = 1
+
+_QUANT_WEIGHT_DTYPES = {torch.float8_e4m3fn, torch.int8, torch.uint8}
+
+
+# ----------------------------------------------------------------------------- numerics shared by all paths
+
+
+def fake_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 quantize-dequantize with a per-tensor scale (ModelOpt's `_fp8_eager`), result in x's dtype."""
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor INT8: clamp(round_half_even(x / scale), -128, 127) (ModelOpt: not narrow range)."""
+    return torch.round(x.float() / scale).clamp_(-128, 127).to(torch.int8)
+
+
+def unpack_modelopt_int4(packed: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's int4 layout uint8 [out/2, in] (row 2j low nibble, 2j+1 high) -> int8 [out, in] in [-8, 7]."""
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    q = torch.stack([lo, hi], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+    return torch.where(q >= 8, q - 16, q).to(torch.int8)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+# ----------------------------------------------------------------------------- tinygemm (aten._weight_int4pack_mm)
+
+_TINYGEMM_OK: dict[str, bool] = {}
+
+
+def _tinygemm_pack(q: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Signed int4 [N, K] + symmetric fp32 scales [N, K/group] -> tinygemm's packed weight and scales_and_zeros.
+
+    tinygemm dequantizes w = (u - 8) * scale + zero with u in [0, 15] (asymmetric, float zero point). Our symmetric
+    w = q * scale maps exactly onto it with u = q + 8 and zero = 0. Its uint8 input holds k = 2j in the high nibble.
+    """
+    k = q.shape[1]
+    inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+    u = (q.to(torch.int32) + 8).to(torch.int32)
+    u8 = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), inner_k_tiles)
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz, inner_k_tiles
+
+
+def tinygemm_supported(n: int, k: int, group: int, device: torch.device) -> bool:
+    if device.type != "cuda" or n % 8 or k % 32 or group not in (32, 64, 128, 256):
+        return False
+    key = str(device)
+    if key not in _TINYGEMM_OK:  # one self-check per device: layout conventions of a private op can change
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            q = torch.randint(-8, 8, (64, 256), generator=g, dtype=torch.int8)
+            s = torch.rand(64, 256 // 64, generator=g) * 0.1 + 0.01
+            x = torch.randn(1, 256, generator=g)
+            ref = x @ (q.float() * s.repeat_interleave(64, dim=1)).t()
+            packed, sz, _ = _tinygemm_pack(q.to(device), s.to(device), 64)
+            out = torch.ops.aten._weight_int4pack_mm(x.to(device, torch.bfloat16), packed, 64, sz).float().cpu()
+            err = ((out - ref).norm() / ref.norm()).item()
+            _TINYGEMM_OK[key] = err < 2e-2
+            if err >= 2e-2:
+                log.warning("tinygemm self-check failed (rel err %.3g): int4 decode uses the Triton kernel", err)
+        except (RuntimeError, NotImplementedError) as exc:
+            log.warning("tinygemm unavailable (%s): int4 decode uses the Triton kernel", exc)
+            _TINYGEMM_OK[key] = False
+    return _TINYGEMM_OK[key]
+
+
+# ----------------------------------------------------------------------------- the quantized linear module
+
+
+class QuantLinear(nn.Module):
+    """A linear layer that computes on an exported quantized weight (see the module docstring for the formats)."""
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        dev = torch.device(device)
+
+        def buf(name: str, t: torch.Tensor | None, to_dtype: torch.dtype | None = None) -> None:
+            self.register_buffer(name, None if t is None else t.to(device=dev, dtype=to_dtype or t.dtype))
+
+        buf("weight_scale", tensors["weight_scale"], torch.float32)
+        buf("input_scale", tensors.get("input_scale"), torch.float32)
+        pqs = tensors.get("pre_quant_scale")
+        # pre_quant_scale is multiplied in the model dtype, as the fake-quantized model does
+        buf("pre_quant_scale", pqs, dtype)
+        buf("weight_scale_2", tensors.get("weight_scale_2"), torch.float32)
+        bias = tensors.get("bias")
+        buf("bias", bias, dtype)
+        w = tensors["weight"]
+        self.group_size = 0
+        self.tinygemm_inner_k_tiles = 0
+        if fmt in ("int4", "w4a8"):
+            q = unpack_modelopt_int4(w)
+            self.group_size = in_features // self.weight_scale.shape[1]
+            # K-packed layout: read by the Triton kernel and by the dequant path
+            buf("weight", triton_gemm.pack_int4_k(q))
+            self.register_buffer("tinygemm_weight", None)
+            self.register_buffer("tinygemm_scales_zeros", None)
+            if fmt == "int4" and tinygemm_supported(out_features, in_features, self.group_size, dev):
+                packed, sz, tiles = _tinygemm_pack(q.to(dev), self.weight_scale, self.group_size)
+                self.tinygemm_weight, self.tinygemm_scales_zeros = packed, sz
+                self.tinygemm_inner_k_tiles = tiles
+        else:
+            buf("weight", w.contiguous())
+        self.kernels = self._plan(dev)
+
+    # -- which kernel runs where (recorded on the model as quantkit_kernels)
+    def _plan(self, dev: torch.device) -> dict[str, str]:
+        cuda = dev.type == "cuda"
+        triton_ok = triton_gemm.available(dev)
+        int8_decode = os.environ.get("QUANTKIT_INT8_DECODE", "triton")
+        int4_decode = os.environ.get("QUANTKIT_INT4_DECODE", "auto")
+        deq = "dequant"
+        if self.fmt == "fp8":
+            k = "torch._scaled_mm" if cuda and _cuda_capability(dev) >= (8, 9) else deq
+            return {"decode": k, "prefill": k}
+        if self.fmt == "int8_sq":
+            decode = {"triton": "triton_w8a8" if triton_ok else deq, "int_mm": "torch._int_mm", "dequant": deq}
+            return {"decode": decode[int8_decode] if cuda or triton_ok else deq,
+                    "prefill": "torch._int_mm" if cuda else deq}
+        if self.fmt == "int8_wo":
+            return {"decode": "triton_w8a16" if triton_ok and int8_decode == "triton" else deq, "prefill": deq}
+        if self.fmt == "int4":
+            tiny = self.tinygemm_weight is not None
+            if int4_decode == "auto":
+                m1 = "tinygemm" if tiny else ("triton_w4a16" if triton_ok else deq)
+                small = "triton_w4a16" if triton_ok else deq
+            else:
+                choice = {"tinygemm": "tinygemm" if tiny else deq, "triton": "triton_w4a16" if triton_ok else deq,
+                          "dequant": deq}[int4_decode]
+                m1 = small = choice
+            return {"decode_m1": m1, "decode": small, "prefill": deq}
+        return {"decode": deq, "prefill": deq}  # w4a8: emulation only
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"group_size={self.group_size}, kernels={self.kernels}")
+
+    # -- the reference (dequantize) path
+    def dequantize_weight(self) -> torch.Tensor:
+        """The effective weight [out, in] in the model dtype, exactly as the fake-quantized model sees it."""
+        if self.fmt == "fp8":
+            w = self.weight.float() * self.weight_scale
+        elif self.fmt in ("int8_sq", "int8_wo"):
+            w = self.weight.float() * self.weight_scale[:, None]
+        else:
+            q = triton_gemm.unpack_int4_k(self.weight)
+            w = q.float() * self.weight_scale.repeat_interleave(self.group_size, dim=1)
+            if self.fmt == "w4a8":
+                w = fake_fp8(w, self.weight_scale_2)
+        return w.to(self.compute_dtype)
+
+    def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        if self.fmt in ("fp8", "w4a8"):
+            x = fake_fp8(x, self.input_scale)
+        elif self.fmt == "int8_sq":
+            x = (quantize_int8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
+        return F.linear(x, self.dequantize_weight())
+
+    # -- the kernels
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        pad = (-m) % 16  # cuBLASLt FP8 wants M % 16 == 0
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                             out_dtype=x.dtype, use_fast_accum=True)
+        return y[:m] if pad else y
+
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        pad = 32 - m if m <= 16 else 0  # _int_mm needs M > 16 (only reached at decode via QUANTKIT_INT8_DECODE)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        acc = torch._int_mm(quantize_int8(x, self.input_scale), self.weight.t())
+        y = (acc.float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+        return y[:m] if pad else y
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        kernel = self.kernels["decode"] if m <= DECODE_MAX_M else self.kernels["prefill"]
+        if m <= INT4_TINYGEMM_MAX_M and "decode_m1" in self.kernels:
+            kernel = self.kernels["decode_m1"]
+        if kernel == "dequant":
+            return self._dequant_forward(x)
+        if kernel == "torch._scaled_mm":
+            return self._scaled_mm(x)
+        if kernel == "torch._int_mm":
+            return self._int_mm(x)
+        if kernel in ("triton_w8a8", "triton_w8a16"):
+            return triton_gemm.w8_gemm(x, self.weight, self.weight_scale,
+                                       self.input_scale if kernel == "triton_w8a8" else None, self.pre_quant_scale)
+        if kernel == "triton_w4a16":
+            return triton_gemm.w4_gemm(x, self.weight, self.weight_scale, self.group_size, self.pre_quant_scale)
+        if kernel == "tinygemm":
+            if self.pre_quant_scale is not None:
+                x = x * self.pre_quant_scale
+            return torch.ops.aten._weight_int4pack_mm(x, self.tinygemm_weight, self.group_size,
+                                                      self.tinygemm_scales_zeros)
+        raise RuntimeError(f"unknown kernel {kernel}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads for this layer (the layout its decode kernel streams, plus scales)."""
+        main = self.weight
+        if self.kernels.get("decode_m1") == "tinygemm" and self.tinygemm_weight is not None:
+            main = self.tinygemm_weight
+        extra = [t for t in (self.weight_scale, self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
+        return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
+
+
+# ----------------------------------------------------------------------------- FP8 KV cache (emulated)
+
+FP8_KV_ATTENTION = "quantkit_fp8kv_sdpa"
+
+
+def _register_fp8_kv_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def fp8_kv_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: Any):
+        # ModelOpt's fake-quantized model quantizes the full K/V handed to attention (after the cache update).
+        k_scale = getattr(module, "quantkit_k_scale", None)
+        if k_scale is not None:
+            key = fake_fp8(key, k_scale)
+            value = fake_fp8(value, module.quantkit_v_scale)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(FP8_KV_ATTENTION, fp8_kv_sdpa)
+    AttentionMaskInterface.register(FP8_KV_ATTENTION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_quant_config(hf_dir: Path) -> dict[str, Any]:
+    """The `quantization` block of hf_quant_config.json (or the config.json quantization_config)."""
+    hq = hf_dir / "hf_quant_config.json"
+    if hq.is_file():
+        return dict(json.loads(hq.read_text()).get("quantization", {}))
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    return dict(cfg.get("quantization_config") or {})
+
+
+def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {hf_dir}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _layer_format(t: dict[str, torch.Tensor]) -> str | None:
+    """Which quantized format a linear's tensors are in (decided per layer, so mixed checkpoints work)."""
+    w = t.get("weight")
+    if w is None or w.dtype not in _QUANT_WEIGHT_DTYPES:
+        return None
+    if w.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if w.dtype == torch.int8:
+        return "int8_sq" if "input_scale" in t else "int8_wo"
+    return "w4a8" if "weight_scale_2" in t else "int4"
+
+
+def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
+    """Load a quantkit/ModelOpt HF unified checkpoint as (model, tokenizer) computing with real quantized weights.
+
+    The tokenizer is None when the folder holds none. `model.quantkit_kernels` maps each quantized layer to its
+    format and kernels; `model.quantkit_quant` is the checkpoint's quantization block.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    device = torch.device(device)
+    qcfg = read_quant_config(hf_dir)
+    config = AutoConfig.from_pretrained(hf_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers has no 'modelopt' quantizer: we do the quantized part
+    tensors = _read_tensors(hf_dir)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    quantized: dict[str, tuple[str, nn.Linear]] = {}
+    for name, lin in linears.items():
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".") and "." not in
+               k[len(name) + 1:]}
+        fmt = _layer_format(own)
+        if fmt is not None:
+            quantized[name] = (fmt, lin)
+            model.set_submodule(name, nn.Identity())  # so to_empty allocates no 16-bit weight for it
+
+    model.to_empty(device=device)
+    tie = getattr(config, "tie_word_embeddings", False) and "lm_head" not in quantized
+    if tie:
+        model.tie_weights()
+    kv_keys = {k for k in tensors if k.endswith((".k_scale", ".v_scale"))}
+    quant_keys = {k for k in tensors for n in quantized if k.startswith(n + ".")}
+    plain = {k: v for k, v in tensors.items() if k not in kv_keys and k not in quant_keys}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint tensors the model does not have: {unexpected[:5]}")
+    tied = {"lm_head.weight"} if tie else set()
+    missing = [k for k in missing if k not in tied]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:5]}")
+    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint and to_empty left them uninitialized.
+    for mod in model.modules():
+        if any(n in mod._non_persistent_buffers_set for n, _ in mod.named_buffers(recurse=False)):
+            model._init_weights(mod)
+
+    plan: dict[str, dict[str, str]] = {}
+    for name, (fmt, lin) in quantized.items():
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        q = QuantLinear(fmt, own, lin.in_features, lin.out_features, dtype, device)
+        model.set_submodule(name, q)
+        plan[name] = {"format": fmt, **q.kernels}
+
+    if kv_keys:
+        _register_fp8_kv_attention()
+        for key in kv_keys:
+            attn_name = key.rsplit(".", 2)[0]  # model.layers.0.self_attn(.k_proj.k_scale)
+            attn = model.get_submodule(attn_name)
+            kind = "k" if key.endswith("k_scale") else "v"
+            attn.register_buffer(f"quantkit_{kind}_scale", tensors[key].to(device, torch.float32))
+        model.set_attn_implementation(FP8_KV_ATTENTION)
+
+    model.eval()
+    model.quantkit_kernels = plan
+    model.quantkit_quant = qcfg
+    tokenizer = None
+    if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    log.info("loaded %s: %d quantized linears (%s)", hf_dir, len(plan), qcfg.get("quant_algo"))
+    return model, tokenizer
+
+
+def kernel_summary(model: nn.Module) -> dict[str, int]:
+    """How many layers use each (format, regime, kernel): a short line for logs and bench results."""
+    counts: dict[str, int] = {}
+    for info in getattr(model, "quantkit_kernels", {}).values():
+        for regime, kernel in info.items():
+            if regime != "format":
+                key = f"{info['format']}/{regime}:{kernel}"
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: quantized layers as stored, other linears in full, norms; the
+    embedding table is excluded (a step reads one row of it)."""
+    total = 0
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += mod.weight_bytes()
+            continue
+        if isinstance(mod, nn.Embedding):
+            continue
+        for p in list(mod.parameters(recurse=False)):
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total

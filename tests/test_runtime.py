@@ -1,0 +1,220 @@
+"""Round trip: quantize -> export (TensorRT-LLM, then HF) -> quantkit.runtime.load_quantized -> same logits.
+
+Bounds (relative L2 error of the logits against the fake-quantized model, ||got - ref|| / ||ref||):
+- CPU, float32: 1e-4. The runtime's dequantize path computes the same function in float32, so what is left is
+  float32 rounding (~1e-7) plus rare rounding-tie flips: the exporter divides by the scale where ModelOpt's fake
+  quantizer multiplies by its reciprocal, which can move a value sitting on a .5 tie by one code step (seen up to
+  2e-5 on these models). Every negative control below lands orders of magnitude above it.
+- CUDA, bf16 real kernels against the float32 fake model: 3e-2. bf16 keeps 8 mantissa bits (2^-9 = 2e-3 per
+  rounding); activations are rounded between every op of two layers, and a rounding shift can flip an
+  activation's int8 / fp8 code, so ~1% is bf16 itself (an unquantized bf16 run of this model differs from its
+  float32 run by a similar amount).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _runtime_helpers import (
+    VARIANTS,
+    device_under_test,
+    eval_ids,
+    load_dtype,
+    perturbed_copy,
+    rel_err,
+    roundtrip,
+)
+
+from quantkit.runtime import QuantLinear, load_quantized, unpack_modelopt_int4, weight_bytes
+
+BOUND = 3e-2 if device_under_test().type == "cuda" else 1e-4
+EXPECTED_FORMAT = {"int8_sq": "int8_sq", "int4_awq": "int4", "int4_rtn": "int4", "fp8": "fp8", "fp8_kv": "fp8",
+                   "w4a8_awq": "w4a8", "int8_wo": "int8_wo"}
+
+if device_under_test().type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("QUANTKIT_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+
+
+def _runtime_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    model, _ = load_quantized(hf_dir, device_under_test(), load_dtype())
+    with torch.no_grad():
+        return model(ids.to(device_under_test())).logits.float().cpu()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_roundtrip_logits_match_fake_quantized_model(variant: str) -> None:
+    rt = roundtrip(variant)
+    ids = eval_ids()
+    err = rel_err(_runtime_logits(rt.hf_dir, ids), rt.reference_logits(ids))
+    print(f"{variant}: rel err {err:.3g} (bound {BOUND:g})")
+    assert err < BOUND
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_quantized_linear_is_replaced_and_recorded(variant: str) -> None:
+    rt = roundtrip(variant)
+    model, _ = load_quantized(rt.hf_dir, device_under_test(), load_dtype())
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quant == set(model.quantkit_kernels)
+    assert len(quant) == 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays unquantized
+    assert not isinstance(model.lm_head, QuantLinear)
+    assert {v["format"] for v in model.quantkit_kernels.values()} == {EXPECTED_FORMAT[variant]}
+    if device_under_test().type == "cuda" and variant in ("fp8", "int8_sq", "int4_awq", "int8_wo"):
+        kernels = next(iter(model.quantkit_kernels.values()))
+        assert "dequant" not in kernels["decode"], kernels
+    if variant == "fp8_kv":
+        assert model.config._attn_implementation == "quantkit_fp8kv_sdpa"
+        assert model.model.layers[0].self_attn.quantkit_k_scale.numel() == 1
+
+
+def test_quantized_weights_stay_small() -> None:
+    """The loaded int4 model keeps its linears at ~0.5 byte per weight (not dequantized at load)."""
+    model, _ = load_quantized(roundtrip("int4_rtn").hf_dir, "cpu", torch.float32)
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    n_weights = sum(m.in_features * m.out_features for m in q)
+    assert sum(m.weight.numel() * m.weight.element_size() for m in q) == n_weights // 2
+    # a decode step reads the packed weights, their scales, lm_head and the norms (not the embedding table)
+    lm_head = model.lm_head.weight.numel() * 4
+    assert n_weights // 2 < weight_bytes(model) - lm_head < n_weights // 2 * 1.2
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("variant", ["int8_sq", "int4_awq", "fp8_kv", "int8_wo"])
+def test_decode_step_matches_full_forward(variant: str, batch: int) -> None:
+    """Prefill (M > 16) then one cached decode step (M = batch): on CUDA these take different kernels."""
+    from transformers import StaticCache
+
+    rt = roundtrip(variant)
+    model, _ = load_quantized(rt.hf_dir, device_under_test(), load_dtype())
+    ids = eval_ids(batch=batch, seq=24).to(device_under_test())
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+    ref = rt.reference_logits(ids.cpu())[:, -1]
+    err = rel_err(step, ref)
+    print(f"{variant} batch {batch}: decode-step rel err {err:.3g}")
+    assert err < BOUND
+
+
+# ---------------------------------------------------------------- negative controls: the check can fail
+
+
+def _swap_nibbles(k: str, v: torch.Tensor) -> torch.Tensor:
+    return ((v >> 4) | (v << 4)).to(torch.uint8) if v.dtype == torch.uint8 else v
+
+
+NEGATIVE = {
+    "weight scales x1.25": ("fp8", lambda k, v: v * 1.25 if k.endswith("weight_scale") else v),
+    "int4 nibbles swapped": ("int4_awq", _swap_nibbles),
+    "pre_quant_scale ignored": ("int8_sq", lambda k, v: torch.ones_like(v) if k.endswith("pre_quant_scale") else v),
+    "input_scale / 8": ("int8_sq", lambda k, v: v / 8 if k.endswith("input_scale") else v),
+    "k/v scale / 64": ("fp8_kv", lambda k, v: v / 64 if k.endswith(("k_scale", "v_scale")) else v),
+}
+
+
+@pytest.mark.parametrize("case", list(NEGATIVE))
+def test_negative_control_perturbed_checkpoint_fails_the_bound(case: str) -> None:
+    variant, edit = NEGATIVE[case]
+    rt = roundtrip(variant)
+    bad = perturbed_copy(rt.hf_dir, case.replace(" ", "_").replace("/", ""), edit)
+    ids = eval_ids()
+    err = rel_err(_runtime_logits(bad, ids), rt.reference_logits(ids))
+    print(f"{case}: rel err {err:.3g} (bound {BOUND:g})")
+    assert err > 3 * BOUND
+
+
+# ---------------------------------------------------------------- layout facts the loader relies on
+
+
+def test_modelopt_int4_layout_is_what_the_loader_assumes() -> None:
+    """Row 2j in the low nibble, row 2j+1 in the high nibble, two's complement, scale = amax / 7."""
+    from safetensors.torch import load_file
+
+    rt = roundtrip("int4_rtn")
+    t = load_file(str(rt.hf_dir / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    q = unpack_modelopt_int4(t[f"{name}.weight"])
+    lin = dict(rt.fake.named_modules())[name]
+    w = lin.weight.detach().float().cpu()
+    scale = t[f"{name}.weight_scale"]
+    group = w.shape[1] // scale.shape[1]
+    amax = w.abs().reshape(w.shape[0], -1, group).amax(-1)
+    torch.testing.assert_close(scale, amax / 7)
+    expect = torch.round(w / scale.repeat_interleave(group, 1)).clamp(-8, 7)
+    assert (q.float() == expect).float().mean() > 0.999  # ties may round either way
+
+
+# ---------------------------------------------------------------- a known gap in export (tripwire)
+
+_GAP = pytest.mark.xfail(strict=True, reason=(
+    "quantkit.export: the HF exporter resmooths gate/up (shared pre_quant_scale + input amax; AWQ: scales folded "
+    "into the norms) on its deep copy, but the pipeline evaluates the model after only the TensorRT-LLM exporter's "
+    "in-place q/k/v rewrite, so the shipped HF checkpoint is not the evaluated model. Fix: apply "
+    "requantize_resmooth_fused_llm_layers to the live model before exporting; then remove this marker."))
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=_GAP) if v in ("int8_sq", "int4_awq", "w4a8_awq") else v
+                                     for v in VARIANTS])
+def test_checkpoint_reproduces_the_model_the_pipeline_evaluates(variant: str) -> None:
+    rt = roundtrip(variant)
+    ids = eval_ids()
+    err = rel_err(_runtime_logits(rt.hf_dir, ids), rt.reference_logits(ids, as_shipped=False))
+    print(f"{variant}: checkpoint vs evaluated model rel err {err:.3g}")
+    assert err < BOUND
+
+
+# ---------------------------------------------------------------- our Triton kernels, in the interpreter on CPU
+
+_KERNEL_SCRIPT = r"""
+import json, sys, torch
+from quantkit.kernels import triton_gemm as tg
+from quantkit.runtime import quantize_int8, load_quantized
+from _runtime_helpers import roundtrip, eval_ids, rel_err
+torch.manual_seed(0)
+out = {}
+M, N, K, G = 3, 48, 256, 64
+x = torch.randn(M, K)
+w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+ws = torch.rand(N) * 0.01 + 1e-3
+s = torch.tensor(0.02)
+pqs = torch.rand(K) + 0.5
+ref = (quantize_int8(x * pqs, s).float() * s) @ (w.float() * ws[:, None]).t()
+out["w8a8"] = rel_err(tg.w8_gemm(x, w, ws, s, pqs), ref)
+out["w8a16"] = rel_err(tg.w8_gemm(x, w, ws), x @ (w.float() * ws[:, None]).t())
+q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+sc = torch.rand(N, K // G) * 0.1
+out["w4a16"] = rel_err(tg.w4_gemm(x, tg.pack_int4_k(q), sc, G, pqs), (x * pqs) @ (q.float() * sc.repeat_interleave(G, 1)).t())
+for variant in ("int8_sq", "int4_awq", "int8_wo"):
+    rt = roundtrip(variant)
+    model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)
+    kern = next(iter(model.quantkit_kernels.values()))
+    ids = eval_ids(batch=1, seq=12)  # M = 12 <= 16: the decode kernels run
+    with torch.no_grad():
+        got = model(ids).logits
+    out[variant] = [rel_err(got, rt.reference_logits(ids)), kern]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_triton_kernels_in_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QUANTKIT_TEST_DEVICE": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT "):])
+    print(res)
+    for k in ("w8a8", "w8a16", "w4a16"):
+        assert res[k] < 1e-5, (k, res[k])
+    assert res["int8_sq"][1]["decode"] == "triton_w8a8" and res["int8_sq"][0] < 1e-4
+    assert res["int4_awq"][1]["decode"] == "triton_w4a16" and res["int4_awq"][0] < 1e-4
+    assert res["int8_wo"][1]["decode"] == "triton_w8a16" and res["int8_wo"][0] < 1e-4
