@@ -147,7 +147,7 @@ class Generator:
             with torch.cuda.graph(graph):
                 self._step()
             self.graph = graph
-        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, and says so
+        except Exception as exc:  # any capture failure falls back to eager decoding, and says so
             self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
             self.graph = None
@@ -291,7 +291,7 @@ def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, de
         from quantkit.report import write_run_report
 
         write_run_report(run_dir)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # the bench result stands either way
         log.warning("bench.json written, but the run report was not refreshed: %s", exc)
     return result
 

@@ -33,6 +33,8 @@ BUILTIN_MODELS: dict[str, dict] = {
     },
 }
 
+CONVERTER_VERSION = 2  # bump when the conversion changes: the cache folder name carries it
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,18 +75,24 @@ def _convert_gguf(name: str, spec: dict, target: Path) -> None:
     log.info("converting %s from GGUF (one time) into %s", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     state = gguf_model.state_dict()
     # Rebuild from the config alone so no GGUF quantization_config leaks into the saved folder.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = torch.bfloat16
+    config.dtype = torch.bfloat16
     config.architectures = ["LlamaForCausalLM"] if config.model_type == "llama" else config.architectures
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state, assign=True, strict=True)
     if config.tie_word_embeddings:
         model.tie_weights()
+    # The GGUF tokenizer metadata says eos = bos = <|im_start|>; the model config (and the original
+    # checkpoint) end turns with token 2, <|im_end|>. Generation and EOS-joined calibration need that one.
+    if config.eos_token_id is not None and tokenizer.eos_token_id != config.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = False  # BPE: cleanup would strip spaces before punctuation
     for key, want in spec["expect"].items():
         got = _rope_theta(config) if key == "rope_theta" else getattr(config, key)
         if got != want:
@@ -93,7 +101,8 @@ def _convert_gguf(name: str, spec: dict, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "quantkit_source.json").write_text(json.dumps({"builtin": name, "gguf": gguf}) + "\n")
+        (tmp / "quantkit_source.json").write_text(
+            json.dumps({"builtin": name, "gguf": gguf, "converter": CONVERTER_VERSION}) + "\n")
         tmp.rename(target)  # atomic: a half-converted folder is never visible
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +118,7 @@ def resolve_model_path(source: str) -> str:
                 where="model.source",
                 fix=f"use one of: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}",
             )
-        target = cache_dir() / "models" / name
+        target = cache_dir() / "models" / f"{name}-v{CONVERTER_VERSION}"
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(name, BUILTIN_MODELS[name], target)
@@ -141,7 +150,7 @@ def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu"):
     path = resolve_model_path(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as exc:
         raise ModelSourceError(
             f"could not load model '{source}' ({str(exc).splitlines()[0]})",

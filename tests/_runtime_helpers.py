@@ -105,6 +105,12 @@ def roundtrip(variant: str) -> RoundTrip:
     from quantkit.quantize import quantize_model
     from quantkit.recipe import QuantizeSection
 
+    if device_under_test().type == "cuda":
+        # ModelOpt would JIT-build its fake-quant CUDA extension (minutes); its PyTorch path computes the same
+        from modelopt.torch.quantization import extensions as ext
+
+        for fn in (ext.get_cuda_ext, ext.get_cuda_ext_fp8, ext.get_cuda_ext_mx):
+            fn.extension = None
     model = tiny_llama().to(device_under_test())
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     model = quantize_model(model, QuantizeSection(**VARIANTS[variant]), CalibrationSet(ids, 4, "test"))

@@ -7,6 +7,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_runtime_model_generates_what_the_fake_quantized_model_generates() -> No
 class _SyncRecorder(TorchDispatchMode):
     """Records ops that read device data on the host (they break CUDA graph capture)."""
 
-    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
+    SYNCING: ClassVar[set[str]] = {"_local_scalar_dense", "nonzero", "masked_select", "item", "equal", "is_nonzero"}
 
     def __init__(self) -> None:
         super().__init__()

@@ -190,7 +190,8 @@ out["w8a8"] = rel_err(tg.w8_gemm(x, w, ws, s, pqs), ref)
 out["w8a16"] = rel_err(tg.w8_gemm(x, w, ws), x @ (w.float() * ws[:, None]).t())
 q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
 sc = torch.rand(N, K // G) * 0.1
-out["w4a16"] = rel_err(tg.w4_gemm(x, tg.pack_int4_k(q), sc, G, pqs), (x * pqs) @ (q.float() * sc.repeat_interleave(G, 1)).t())
+ref = (x * pqs) @ (q.float() * sc.repeat_interleave(G, 1)).t()
+out["w4a16"] = rel_err(tg.w4_gemm(x, tg.pack_int4_k(q), sc, G, pqs), ref)
 for variant in ("int8_sq", "int4_awq", "int8_wo"):
     rt = roundtrip(variant)
     model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)

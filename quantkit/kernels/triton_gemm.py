@@ -116,7 +116,8 @@ if HAVE_TRITON:
                 xq = _round_half_even(v).to(tl.int8)
                 acc += tl.dot(xq, tl.trans(w))
             else:
-                acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x_ptr.dtype.element_ty)))  # via fp32: exact, interpreter-safe
+                # int8 -> fp32 -> x dtype: exact, and the Triton interpreter gets int -> bf16 wrong
+                acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x_ptr.dtype.element_ty)))
         ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
         if A8:  # noqa: SIM108 - a constexpr branch: in_scale exists only when A8
             y = acc.to(tl.float32) * (ws[None, :] * in_scale)

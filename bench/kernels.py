@@ -1,0 +1,145 @@
+"""Per-layer GEMM timings for Llama-3.1-8B shapes, every kernel quantkit.runtime can pick (GPU only).
+
+One "layer" = the 7 projections of a decoder layer (q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up
+14336x4096, down 4096x14336), run through quantkit.runtime.QuantLinear with its kernel forced, so activation
+quantization is included. Weights of several layers rotate so no layer is timed out of L2. Each case is captured in
+a CUDA graph and replayed (triton.testing.do_bench_cudagraph, median), which is how the decode step runs.
+
+    python bench/kernels.py [--m 1,8,16] [--prefill-m 1024] [--copies 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantkit.runtime import QuantLinear
+
+SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096), "gate": (14336, 4096),
+          "up": (14336, 4096), "down": (4096, 14336)}  # name: (out, in)
+GROUP = 128
+
+
+def _tensors(fmt: str, n: int, k: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """Random tensors in the exported (ModelOpt) layout."""
+    if fmt == "fp8":
+        w = (torch.randn(n, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return {"weight": w, "weight_scale": torch.tensor(2e-4, device=dev),
+                "input_scale": torch.tensor(0.01, device=dev)}
+    if fmt in ("int8_sq", "int8_wo"):
+        t = {"weight": torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev),
+             "weight_scale": torch.rand(n, device=dev) * 1e-3 + 1e-4}
+        if fmt == "int8_sq":
+            t["input_scale"] = torch.tensor(0.02, device=dev)
+            t["pre_quant_scale"] = torch.rand(k, device=dev) + 0.5
+        return t
+    packed = torch.randint(0, 256, (n // 2, k), dtype=torch.uint8, device=dev)
+    return {"weight": packed, "weight_scale": torch.rand(n, k // GROUP, device=dev) * 1e-2 + 1e-3}
+
+
+def _layers(fmt: str, copies: int, dev: torch.device) -> list[dict[str, torch.nn.Module]]:
+    out = []
+    for _ in range(copies):
+        layer = {}
+        for name, (n, k) in SHAPES.items():
+            if fmt == "bf16":
+                layer[name] = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+            else:
+                layer[name] = QuantLinear(fmt, _tensors(fmt, n, k, dev), k, n, torch.bfloat16, dev)
+        out.append(layer)
+    return out
+
+
+def _bytes(layer: dict[str, torch.nn.Module]) -> int:
+    return sum(m.weight_bytes() if isinstance(m, QuantLinear) else m.weight.numel() * 2 for m in layer.values())
+
+
+def time_case(fmt: str, kernel: str | None, m: int, layers, dev) -> float:
+    """Median microseconds for one layer's 7 GEMMs at M = m."""
+    import triton.testing
+
+    xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in SHAPES.items()}
+    for layer in layers:
+        for mod in layer.values():
+            if isinstance(mod, QuantLinear) and kernel is not None:
+                mod.kernels = {"decode": kernel, "prefill": kernel, **({"decode_m1": kernel} if fmt == "int4" else {})}
+
+    def run():
+        for layer in layers:
+            for name, mod in layer.items():
+                mod(xs[name])
+
+    run()  # autotune / compile outside the graph
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
+    return 1e3 * ms / len(layers)
+
+
+CASES = [  # (label, fmt, kernel)
+    ("bf16 cuBLAS", "bf16", None),
+    ("fp8 _scaled_mm", "fp8", "torch._scaled_mm"),
+    ("int8_sq triton w8a8", "int8_sq", "triton_w8a8"),
+    ("int8_sq _int_mm", "int8_sq", "torch._int_mm"),
+    ("int8_sq dequant", "int8_sq", "dequant"),
+    ("int8_wo triton w8a16", "int8_wo", "triton_w8a16"),
+    ("int4 tinygemm", "int4", "tinygemm"),
+    ("int4 triton w4a16", "int4", "triton_w4a16"),
+    ("int4 dequant", "int4", "dequant"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", default="1,8,16")
+    ap.add_argument("--prefill-m", default="1024")
+    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    print(f"card: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}")
+    ms = [int(v) for v in args.m.split(",")]
+    pms = [int(v) for v in args.prefill_m.split(",") if v]
+    results = []
+    for label, fmt, kernel in CASES:
+        try:
+            layers = _layers(fmt, args.copies, dev)
+        except Exception as exc:
+            print(f"{label}: setup failed: {exc}")
+            continue
+        nbytes = _bytes(layers[0])
+        if kernel == "tinygemm" and layers[0]["q"].tinygemm_weight is None:
+            print(f"{label}: tinygemm unavailable here")
+            continue
+        for m in ms + (pms if kernel in (None, "torch._scaled_mm", "torch._int_mm", "dequant") else []):
+            try:
+                us = time_case(fmt, kernel, m, layers, dev)
+            except Exception as exc:
+                print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                continue
+            row = {"case": label, "m": m, "us_per_layer": us, "weight_gb_s": nbytes / us / 1e3}
+            results.append(row)
+            print(f"{label:24s} M={m:5d}  {us:8.1f} us/layer  {row['weight_gb_s']:7.0f} GB/s of weights")
+        del layers
+        torch.cuda.empty_cache()
+    base = {r["m"]: r["us_per_layer"] for r in results if r["case"] == "bf16 cuBLAS"}
+    print("\n| kernel | " + " | ".join(f"M={m}" for m in ms + pms) + " |")
+    print("|---|" + "---:|" * len(ms + pms))
+    for label, _, _ in CASES:
+        cells = []
+        for m in ms + pms:
+            r = next((r for r in results if r["case"] == label and r["m"] == m), None)
+            cells.append(f"{r['us_per_layer']:.0f} us ({base[m] / r['us_per_layer']:.2f}x)" if r and m in base else "–")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"card": torch.cuda.get_device_name(dev), "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
