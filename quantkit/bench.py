@@ -187,7 +187,7 @@ def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: s
     compile / cuda_graph default to on for CUDA and off for CPU. The tokenizer is only used for its name: the
     prompts are random ids of exactly `bench.input_len` tokens so every method sees identical work.
     """
-    from quantkit.runtime import kernel_summary, weight_bytes
+    from quantkit.runtime import kernel_summary, use_quantkit_attention, weight_bytes
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
@@ -201,6 +201,17 @@ def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: s
         "tokenizer": getattr(tokenizer, "name_or_path", None), "results": [],
     }
     gen_ = torch.Generator().manual_seed(seed)
+    attn_before = use_quantkit_attention(model)  # GQA without repeat_kv copies (see runtime.gqa_sdpa_attention)
+    try:
+        _bench_batches(model, bench, device, compile, cuda_graph, gen_, vocab, result)
+    finally:
+        model.set_attn_implementation(attn_before)
+    return result
+
+
+def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, compile: bool, cuda_graph: bool,
+                   gen_: torch.Generator, vocab: int, result: dict[str, Any]) -> None:
+    on_cuda = device.type == "cuda"
     with torch.inference_mode(), compiled_regions(model, compile) as compiled:
         result["compiled_regions"] = len(compiled)
         for b in bench.batch_sizes:
@@ -236,7 +247,6 @@ def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: s
             del gen
             if on_cuda:
                 torch.cuda.empty_cache()
-    return result
 
 
 def _recipe(run_dir: Path) -> dict[str, Any]:

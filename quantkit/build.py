@@ -273,6 +273,7 @@ def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build
         "sources": [
             "NVIDIA/TensorRT-Model-Optimizer examples/llm_ptq/modelopt_to_tensorrt_llm.py (build_tensorrt_llm)",
             "NVIDIA/TensorRT-LLM tensorrt_llm/commands/build.py (trtllm-build options, fused MLP rule)",
+            "NVIDIA/TensorRT-LLM tensorrt_llm/plugin/plugin.py (PluginConfig defaults and accepted values)",
             "NVIDIA/TensorRT-LLM tensorrt_llm/layers/attention.py (FP8 context FMHA needs FP8 Q/DQ)",
             "NVIDIA/TensorRT-LLM docs/source/features/quantization.md (PyTorch backend recipes)",
         ],

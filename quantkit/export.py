@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from quantkit.archs import arch_info
 from quantkit.errors import QuantkitError
@@ -57,7 +59,24 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
             raise QuantkitError(f"TensorRT-LLM export failed for {model.config.model_type}: {exc}",
                                 where="export.trtllm",
                                 fix="set export.trtllm: null to skip it, or report the model type") from exc
+        _fix_pre_quant_flag(tmp)
     return target
+
+
+def _fix_pre_quant_flag(folder: Path) -> None:
+    """INT4 RTN: ModelOpt writes `pre_quant_scale: true` but no pre-quant scales. TensorRT-LLM would then give
+    every int4 linear a prequant_scaling_factor parameter and fail to load ('Required but not provided tensors')."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    quant = cfg.get("quantization") or {}
+    if not quant.get("pre_quant_scale"):
+        return
+    for shard in folder.glob("rank*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            if any(k.endswith(".prequant_scaling_factor") for k in f.keys()):  # noqa: SIM118 - safe_open has no __iter__
+                return
+    quant["pre_quant_scale"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=4))
 
 
 def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> Path:

@@ -31,6 +31,8 @@ import yaml
 
 from quantkit.errors import QuantkitError
 
+NOT_METRICS = {"n", "samples", "limit", "alias"}  # counts and labels that results.json keeps next to metrics
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 CHECKPOINTS = {"trtllm": "TensorRT-LLM checkpoint", "hf": "HF unified checkpoint (ModelOpt)"}
 VERSION_PACKAGES = ("quantkit", "nvidia-modelopt", "torch", "transformers", "safetensors", "lm-eval",
                     "tensorrt_llm")
@@ -112,8 +114,10 @@ def _metric_rows(results: dict | None) -> list[str]:
         if not isinstance(metrics, dict):
             continue
         for metric, value in metrics.items():
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (metric.endswith("_stderr") or metric in NOT_METRICS or not isinstance(value, (int, float))
+                    or isinstance(value, bool)):
                 continue
+            label = metric + (" ↓" if any(k in metric for k in LOWER_IS_BETTER) else "")
             err = metrics.get(f"{metric}_stderr")
             mine = _fmt(float(value)) + (f" ± {_fmt(float(err))}" if isinstance(err, (int, float)) else "")
             base = baseline.get(task, {}).get(metric) if isinstance(baseline, dict) and isinstance(
@@ -121,9 +125,9 @@ def _metric_rows(results: dict | None) -> list[str]:
             if isinstance(base, (int, float)):
                 delta = float(value) - float(base)
                 rel = f" ({100 * delta / base:+.1f}%)" if base else ""
-                rows.append(f"| {task} | {metric} | {mine} | {_fmt(float(base))} | {delta:+.4g}{rel} |")
+                rows.append(f"| {task} | {label} | {mine} | {_fmt(float(base))} | {delta:+.4g}{rel} |")
             else:
-                rows.append(f"| {task} | {metric} | {mine} | not measured | — |")
+                rows.append(f"| {task} | {label} | {mine} | not measured | — |")
     return rows
 
 

@@ -19,8 +19,8 @@ reproduce):
 - W4A8 AWQ: as INT4, then the dequantized weight goes through FP8 with `weight_scale_2` (amax/448), and the
   activations through FP8 with `input_scale` (ModelOpt's SequentialQuantizer: int4 block, then fp8 per tensor).
 - FP8 KV cache: `k_proj.k_scale` / `v_proj.v_scale` (amax/448). Applied as FP8 fake quantization of K and V at the
-  attention call, exactly where ModelOpt's fake-quantized model applies it: the numerics of an FP8 KV cache, not
-  its memory saving (the static cache still stores bf16).
+  attention call (`gqa_sdpa_attention`), exactly where ModelOpt's fake-quantized model applies it: the numerics of
+  an FP8 KV cache, not its memory saving (the static cache still stores bf16).
 
 Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
 QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant):
@@ -290,27 +290,57 @@ class QuantLinear(nn.Module):
         return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
 
-# ----------------------------------------------------------------------------- FP8 KV cache (emulated)
+# ----------------------------------------------------------------------------- attention (GQA without repeat_kv)
 
-FP8_KV_ATTENTION = "quantkit_fp8kv_sdpa"
+ATTENTION = "quantkit_sdpa"
 
 
-def _register_fp8_kv_attention() -> None:
-    from transformers import AttentionInterface
+def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA for grouped-query attention that reads each K/V head once, plus the FP8 KV cache numerics.
+
+    transformers' sdpa path copies every K/V head n_rep times (repeat_kv) whenever there is a mask, which a static
+    cache always has: at decode that is 4 extra passes over the cache per layer (Llama-3-8B: n_rep = 4). Here the
+    n_rep query heads of a group are folded into the query-length axis instead (the mask repeated to match),
+    which computes exactly the same attention.
+
+    FP8 KV cache (checkpoint `k_scale` / `v_scale`, amax/448): K and V are FP8 quantize-dequantized here, on the
+    full K/V handed to attention, which is where ModelOpt's fake-quantized model applies them. This gives the
+    numerics of an FP8 KV cache, not its memory saving (the static cache stores the model dtype).
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    k_scale = getattr(module, "quantkit_k_scale", None)
+    if k_scale is not None:
+        key = fake_fp8(key, k_scale)
+        value = fake_fp8(value, module.quantkit_v_scale)
+    b, hq, s, d = query.shape
+    hkv = key.shape[1]
+    if hkv == hq or (attention_mask is None and s > 1) or dropout > 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    n = hq // hkv
+    q = query.reshape(b, hkv, n * s, d)  # q head h uses kv head h // n (repeat_kv's order)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, -s:, :]
+        mask = mask[:, :, None].expand(mask.shape[0], mask.shape[1], n, s, mask.shape[-1])
+        mask = mask.reshape(mask.shape[0], mask.shape[1], n * s, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, s, d).transpose(1, 2).contiguous(), None
+
+
+def use_quantkit_attention(model: nn.Module) -> str:
+    """Switch `model` to `gqa_sdpa_attention`; returns the implementation it had (to switch back)."""
+    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def fp8_kv_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, **kwargs: Any):
-        # ModelOpt's fake-quantized model quantizes the full K/V handed to attention (after the cache update).
-        k_scale = getattr(module, "quantkit_k_scale", None)
-        if k_scale is not None:
-            key = fake_fp8(key, k_scale)
-            value = fake_fp8(value, module.quantkit_v_scale)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(FP8_KV_ATTENTION, fp8_kv_sdpa)
-    AttentionMaskInterface.register(FP8_KV_ATTENTION, sdpa_mask)
+    AttentionInterface.register(ATTENTION, gqa_sdpa_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    return before
 
 
 # ----------------------------------------------------------------------------- loading
@@ -405,13 +435,12 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu",
         plan[name] = {"format": fmt, **q.kernels}
 
     if kv_keys:
-        _register_fp8_kv_attention()
         for key in kv_keys:
             attn_name = key.rsplit(".", 2)[0]  # model.layers.0.self_attn(.k_proj.k_scale)
             attn = model.get_submodule(attn_name)
             kind = "k" if key.endswith("k_scale") else "v"
             attn.register_buffer(f"quantkit_{kind}_scale", tensors[key].to(device, torch.float32))
-        model.set_attn_implementation(FP8_KV_ATTENTION)
+        use_quantkit_attention(model)
 
     model.eval()
     model.quantkit_kernels = plan

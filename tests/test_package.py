@@ -16,7 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.package import package_run, register_cli
 
 RESULTS = {
-    "metrics": {"wiki_ppl": {"word_perplexity": 31.9, "word_perplexity_stderr": 0.4},
+    "metrics": {"wiki_ppl": {"word_perplexity": 31.9, "word_perplexity_stderr": 0.4, "n": 50},
                 "arc_easy": {"acc": 0.41, "acc_stderr": 0.02, "acc_norm": 0.39, "alias": "arc_easy"}},
     "baseline": {"wiki_ppl": {"word_perplexity": 30.1}, "arc_easy": {"acc": 0.43}},
 }
@@ -44,11 +44,12 @@ def test_package_int4_awq(tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     for needle in ("# tiny-int4_awq", "`int4_awq`", "INT4_AWQ_CFG", "block_size=64", "awq_algorithm=awq_lite",
                    "exclude=['lm_head']", "`builtin:wiki`, 8 samples x 32 tokens = 256 tokens", "W4A16_AWQ",
-                   "| wiki_ppl | word_perplexity | 31.9 ± 0.4 | 30.1 | +1.8 (+6.0%) |",
+                   "| wiki_ppl | word_perplexity ↓ | 31.9 ± 0.4 | 30.1 | +1.8 (+6.0%) |",
                    "| arc_easy | acc_norm | 0.39 | not measured | — |", "sha256sum -c SHA256SUMS",
                    "bash build/build.sh", "trtllm-serve checkpoints/hf --backend pytorch", "nvidia-modelopt",
                    "modelopt 0.47", "passes every rule", "`--gemm_plugin` | `auto`"):
         assert needle in card, needle
+    assert "| n |" not in card
     assert check_checkpoint(out) == []
 
 

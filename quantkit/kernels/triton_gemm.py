@@ -68,15 +68,14 @@ def unpack_int4_k(p: torch.Tensor) -> torch.Tensor:
 
 if HAVE_TRITON:
 
-    def _configs(block_k_choices: tuple[int, ...]) -> list[triton.Config]:
+    # A few hand-picked configs (each is compiled per distinct K): streaming shapes for a memory-bound skinny GEMM.
+    _W8_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (32, 128, 3)]  # (BLOCK_N, BLOCK_K, stages)
+    _W4_CONFIGS = [(32, 4), (16, 4), (64, 3)]  # (BLOCK_N, stages); BLOCK_K is the quantization group
+
+    def _configs() -> list[triton.Config]:
         if interpreting():  # one config: the interpreter is slow and timing it means nothing
-            return [triton.Config({"BLOCK_N": 16, "BLOCK_K": block_k_choices[0]}, num_warps=4, num_stages=1)]
-        return [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
-            for bn in (16, 32, 64)
-            for bk in block_k_choices
-            for st in (3, 5)
-        ]
+            return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st) for bn, bk, st in _W8_CONFIGS]
 
     @triton.jit
     def _round_half_even(v):
@@ -84,7 +83,7 @@ if HAVE_TRITON:
         # |v| < 2**22, and v is clamped to the int8 range first. Exact in the Triton interpreter too.
         return (v + 12582912.0) - 12582912.0
 
-    @triton.autotune(configs=_configs((128, 256)), key=["M", "N", "K", "A8"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "A8"])
     @triton.jit
     def _w8_kernel(x_ptr, w_ptr, ws_ptr, pqs_ptr, in_scale_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
                    stride_ym,
@@ -129,7 +128,7 @@ if HAVE_TRITON:
     def _w4_configs() -> list[triton.Config]:
         if interpreting():
             return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn in (16, 32, 64) for st in (3, 5)]
+        return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn, st in _W4_CONFIGS]
 
     @triton.autotune(configs=_w4_configs(), key=["M", "N", "K", "GROUP"])
     @triton.jit

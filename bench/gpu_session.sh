@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Device-side driver for the GPU machine (no package registry there): unpack the wheels carried in .wheels/
+# (nvidia-modelopt 0.47 and what it needs that the image lacks, transformers 5.14.1 + tokenizers 0.22.2 to match
+# the tested pins), then run the named steps, logs under $OUT.
+#   bash bench/gpu_session.sh env tests kernels smoke full
+# Wheels are unpacked with zipfile (pure unzip, no pip needed); /tmp/site goes first on PYTHONPATH.
+set -o pipefail
+OUT=${OUT:-/tmp/qk-out}
+mkdir -p "$OUT"
+python3 - <<'EOF' || exit 1
+import glob, zipfile
+for w in sorted(glob.glob(".wheels/*.whl")):
+    zipfile.ZipFile(w).extractall("/tmp/site")
+EOF
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+for step in "$@"; do
+  echo "=== $step"
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+      python3 -c "import torch, transformers, triton, modelopt; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'modelopt', modelopt.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v WARN ;;
+    tests)
+      QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_runtime.py -q -s -rs \
+        -k "not interpreter" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
+        | grep -E "rel err|passed|failed|Error|error|assert|SKIP" | head -80 ;;
+    kernels)
+      timeout "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 \
+        | tee "$OUT/kernels.log" | grep -v -E "WARN|warn" | tail -40 ;;
+    smoke)
+      timeout "${SMOKE_TIMEOUT:-200}" python3 bench/llama8b_speed.py --layers 4 --output-len 32 --repeats 1 \
+        --json "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" | grep -v -E "WARN|warn|calibrate|Writing" | tail -30 ;;
+    full)
+      timeout "${FULL_TIMEOUT:-560}" python3 bench/llama8b_speed.py ${FULL_ARGS:-} --json "$OUT/llama8b.json" \
+        --md "$OUT/RESULTS.md" 2>&1 | tee "$OUT/llama8b.log" | grep -v -E "WARN|warn|calibrate|Writing" | tail -40 ;;
+  esac
+done
