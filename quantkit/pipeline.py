@@ -24,7 +24,7 @@ log = logging.getLogger("quantkit")
 STAGES = ("quantize", "export", "check", "evaluate", "build", "report")
 
 
-def preflight(recipe: Recipe) -> tuple[str, list[str] | None]:
+def preflight(recipe: Recipe) -> CalibrationSet | None:
     """Everything that can fail on bad input, done before the run folder is touched."""
     from transformers import AutoConfig
 
@@ -52,16 +52,13 @@ def preflight(recipe: Recipe) -> tuple[str, list[str] | None]:
         with torch.device("meta"):  # shapes only: no memory, no weights read
             skeleton = AutoModelForCausalLM.from_config(config)
         check_shapes(skeleton, recipe.quantize)
-    texts = None
-    if get_method(recipe.quantize.method).uses_calibration_data:
-        texts = load_texts(recipe.calibration.dataset, recipe.calibration.text_field)
-    return model_path, texts
-
-
-def _calibration_set(recipe: Recipe, texts: list[str] | None, tokenizer) -> CalibrationSet | None:
-    if texts is None:
+    if not get_method(recipe.quantize.method).uses_calibration_data:
         return None
+    from transformers import AutoTokenizer
+
     c = recipe.calibration
+    texts = load_texts(c.dataset, c.text_field)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     return build_calibration_set(texts, tokenizer, c.n_samples, c.seq_len, c.batch_size, c.seed, c.dataset)
 
 
@@ -72,21 +69,21 @@ def _dir_bytes(path: Path) -> int:
 def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None) -> Path:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
-    _, texts = preflight(recipe)
+    calib = preflight(recipe)
     run_dir = recipe.run_dir()
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
-    created = not run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
-        return _run(recipe, run_dir, texts, device, t_start)
+        return _run(recipe, run_dir, calib, device, t_start)
     except BaseException:
         folder = RunFolder.open(run_dir) if run_dir.exists() else None
         if created and folder is not None and not folder.entries:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing behind
+            shutil.rmtree(created[-1], ignore_errors=True)  # nothing finished: leave nothing behind
         raise
 
 
-def _run(recipe: Recipe, run_dir: Path, texts: list[str] | None, device: str, t_start: float) -> Path:
+def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: str, t_start: float) -> Path:
     from quantkit import export as export_stage
     from quantkit.models import load_model
     from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
@@ -116,7 +113,6 @@ def _run(recipe: Recipe, run_dir: Path, texts: list[str] | None, device: str, t_
             log.info("[quantize] restoring the quantized model from %s (calibration skipped)", state_path)
             model = mto.restore(model, str(state_path))
         else:
-            calib = _calibration_set(recipe, texts, tokenizer)
             with folder.stage("quantize", fp_quant, log, method=method.name) as info:
                 counter = ForwardCounter()
                 t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from _exports import VARIANTS, copy_export, edit_json, edit_tensors, export
 
 from quantkit.check import Violation, check_checkpoint, read_safetensors_header, register_cli, run_check_cli
 
-CLEAN = [(v, f) for v in VARIANTS for f in ("trtllm", "hf") if (v, f) != ("int4_rtn", "trtllm")]
+CLEAN = [(v, f) for v in VARIANTS for f in ("trtllm", "hf")]
 
 
 def _hits(violations: list[Violation], tensor: str, rule: str) -> list[Violation]:
@@ -28,16 +29,17 @@ def test_int4_rtn_trtllm_prequant_flag(tmp_path: Path) -> None:
     """ModelOpt labels INT4 RTN as W4A16_AWQ with pre_quant_scale: true but writes no pre-quant scales.
 
     TensorRT-LLM then gives every int4 linear a prequant_scaling_factor parameter that the file does not
-    provide, and load() fails ("Required but not provided tensors"). check says so per linear; with the flag
-    set to false (what the export should write for RTN) the checkpoint is clean.
+    provide, and load() fails ("Required but not provided tensors"). quantkit's export writes the flag as
+    false; check catches a checkpoint that says true (as ModelOpt alone writes it).
     """
     ckpt = copy_export("int4_rtn", "trtllm", tmp_path)
+    assert json.loads((ckpt / "config.json").read_text())["quantization"]["pre_quant_scale"] is False
+    assert check_checkpoint(ckpt) == []
+    edit_json(ckpt / "config.json", lambda c: c["quantization"].update(pre_quant_scale=True))
     violations = check_checkpoint(ckpt)
     assert len(violations) == 1  # one finding for the whole checkpoint, not one per linear
     assert _hits(violations, "quantization.pre_quant_scale", "scale.missing")
     assert "none of the 10 quantized linears" in violations[0].message  # 2 layers x qkv, dense, fc, gate, proj
-    edit_json(ckpt / "config.json", lambda c: c["quantization"].update(pre_quant_scale=False))
-    assert check_checkpoint(ckpt) == []
 
 
 def test_one_prequant_scale_missing(tmp_path: Path) -> None:

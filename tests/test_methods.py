@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _tiny import make_tiny_llama
 from safetensors import safe_open
 
 from quantkit.calibration import CalibrationSet
@@ -15,7 +16,6 @@ from quantkit.export import export_hf, export_trtllm
 from quantkit.methods import METHODS, build_modelopt_config
 from quantkit.quantize import ForwardCounter, check_shapes, quantize_model
 from quantkit.recipe import QuantizeSection
-from tests.conftest import make_tiny_llama
 
 LAYER = "model.layers.1.self_attn.o_proj"  # maps 1:1 to the export (q/k/v get fused or folded)
 

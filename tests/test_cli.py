@@ -1,0 +1,100 @@
+"""Bad input ends with one paragraph naming what and where, exit code 2, and no partial run folder."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quantkit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp_path: Path, model: str, dataset: str = "builtin:news", extra: str = "") -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        metadata: {{name: cli-test}}
+        model: {{source: "{model}", dtype: float32}}
+        quantize: {{method: fp8}}
+        calibration: {{dataset: "{dataset}", n_samples: 2, seq_len: 16, batch_size: 2}}
+        export: {{hf: true}}
+        build: {{enabled: false}}
+        evaluate: {{tasks: []}}
+        output_dir: "{tmp_path / 'runs'}"
+        """) + extra)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_paragraph(err: str) -> None:
+    text = err.strip()
+    assert text.startswith("quantkit: error:") and "\n\n" not in text and "Traceback" not in text
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, err = run_cli(capsys, "run", str(recipe(tmp_path, str(tmp_path / "no-such-model"))))
+    assert code == 2
+    assert_one_paragraph(err)
+    assert "r.yaml:2: model.source" in err and "does not exist" in err and "Fix:" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_calibration_file(tmp_path, capsys, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, err = run_cli(capsys, "run", str(recipe(tmp_path, str(tiny_model_dir), str(empty))))
+    assert code == 2
+    assert_one_paragraph(err)
+    assert "calibration.dataset" in err and "holds no text" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_typo(tmp_path, capsys, tiny_model_dir):
+    path = recipe(tmp_path, str(tiny_model_dir))
+    path.write_text(path.read_text().replace("quantize: {method: fp8}", "quantize: {method: fp8, exclud: [lm_head]}"))
+    code, err = run_cli(capsys, "run", str(path))
+    assert code == 2
+    assert_one_paragraph(err)
+    assert "r.yaml:3: field 'quantize.exclud': unknown key 'exclud'; did you mean 'exclude'?" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_too_little_calibration_text_suggests_a_size(tmp_path, capsys, tiny_model_dir):
+    small = tmp_path / "small.txt"
+    small.write_text("A short text.\n\nAnother short one.")
+    code, err = run_cli(capsys, "validate", str(recipe(tmp_path, str(tiny_model_dir), str(small))))
+    assert code == 2 and "n_samples x seq_len = 2 x 16 = 32" in err
+    code, err = run_cli(capsys, "run", str(recipe(tmp_path, str(tiny_model_dir), str(small))))
+    assert code == 2 and "lower calibration.n_samples" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_rerun_keeps_the_earlier_run(tmp_path, capsys, tiny_model_dir):
+    path = recipe(tmp_path, str(tiny_model_dir))
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "cli-test"
+    before = sorted(p.name for p in run_dir.iterdir())
+    code, err = run_cli(capsys, "run", str(path), "--set", "calibration.dataset=/nope.txt")
+    assert code == 2 and "does not exist" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (run_dir / "export" / "hf" / "model.safetensors").is_file()
+
+
+def test_validate_checks_block_size_against_the_model(tmp_path, capsys, tiny_model_dir):
+    path = recipe(tmp_path, str(tiny_model_dir))
+    code, err = run_cli(capsys, "validate", str(path), "--set", "quantize.method=int4_awq",
+                        "--set", "quantize.block_size=256")
+    assert code == 2 and "quantize.block_size" in err and "set quantize.block_size to 128" in err
+
+
+@pytest.mark.parametrize("name", ["baseline", "int8_sq", "int4_awq", "int4_rtn", "fp8", "fp8_kv", "demo"])
+def test_shipped_recipes_pass_validate(capsys, name):
+    code, err = run_cli(capsys, "validate", str(REPO / "recipes" / f"{name}.yaml"))
+    assert code == 0, err
