@@ -70,6 +70,8 @@ GPU_NOTES = {
     "W4A8_AWQ": "W4A8 (FP8 activations) needs Ada or Hopper (SM89+) or newer",
     "W4A16_AWQ": "INT4 AWQ runs on Ampere (SM80) and newer",
     "W8A8_SQ_PER_CHANNEL": "INT8 SmoothQuant runs on Ampere (SM80) and newer, engine line only",
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": "INT8 SmoothQuant (per-token plugin) runs on Ampere (SM80) and newer, "
+                                            "engine line only",
     "NVFP4": "NVFP4 needs Blackwell",
 }
 

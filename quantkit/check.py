@@ -100,6 +100,14 @@ TRTLLM_RULES: dict[str, AlgoRule] = {
         ("I8",), False,
         {"weights_scaling_factor": PER_OUT, "activation_scaling_factor": SCALAR, "prequant_scaling_factor": PER_IN},
         writer="int8_sq"),
+    # Per-token dynamic activations: TensorRT-LLM's SmoothQuant plugin computes the activation scale per token,
+    # so there is no static activation_scaling_factor (quantization/layers.py SmoothQuantLinear, per_token).
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": AlgoRule(
+        ("I8",), False, {"weights_scaling_factor": PER_OUT, "prequant_scaling_factor": PER_IN},
+        writer="int8_sq (activations: per_token)"),
+    # FP8 rowwise: per-output-channel weight scale named per_channel_scale (ModelOpt postprocess for
+    # FP8_PER_CHANNEL_PER_TOKEN; TensorRT-LLM quantization/layers.py Fp8RowwiseLinear), activations per token.
+    "FP8_PER_CHANNEL_PER_TOKEN": AlgoRule(("F8_E4M3",), False, {"per_channel_scale": PER_OUT}, writer="fp8_pcpt"),
     "W4A16_AWQ": AlgoRule(("I8",), True, {"weights_scaling_factor": GROUP},
                           {"prequant_scaling_factor": PER_IN}, writer="int4_awq / int4_rtn"),
     "W4A8_AWQ": AlgoRule(
@@ -125,6 +133,10 @@ HF_RULES: dict[str, AlgoRule] = {
     "FP8": AlgoRule(("F8_E4M3",), False, {"weight_scale": SCALAR, "input_scale": SCALAR}, writer="fp8"),
     "W8A8_SQ_PER_CHANNEL": AlgoRule(("I8",), False, {"weight_scale": PER_OUT, "input_scale": SCALAR},
                                     {"pre_quant_scale": PER_IN}, writer="int8_sq"),
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": AlgoRule(("I8",), False, {"weight_scale": PER_OUT},
+                                                     {"pre_quant_scale": PER_IN},
+                                                     writer="int8_sq (activations: per_token)"),
+    "FP8_PER_CHANNEL_PER_TOKEN": AlgoRule(("F8_E4M3",), False, {"weight_scale": PER_OUT}, writer="fp8_pcpt"),
     "W4A16_AWQ": AlgoRule(("U8",), True, {"weight_scale": GROUP}, {"pre_quant_scale": PER_IN},
                           writer="int4_awq / int4_rtn"),
     "W4A8_AWQ": AlgoRule(("U8",), True,

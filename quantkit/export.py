@@ -60,7 +60,26 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
                                 where="export.trtllm",
                                 fix="set export.trtllm: null to skip it, or report the model type") from exc
         _fix_pre_quant_flag(tmp)
+        _label_per_token_smoothquant(tmp / "config.json", "quantization", "rank*.safetensors",
+                                     ".activation_scaling_factor")
     return target
+
+
+def _label_per_token_smoothquant(config_path: Path, key: str, shards: str, act_suffix: str) -> None:
+    """ModelOpt labels every SmoothQuant export W8A8_SQ_PER_CHANNEL. Without static activation scales
+    (per-token dynamic activations) TensorRT-LLM must run its per-token SmoothQuant plugin instead."""
+    from quantkit.methods import PER_TOKEN_SQ_ALGO
+
+    cfg = json.loads(config_path.read_text())
+    quant = cfg.get(key) or {}
+    if quant.get("quant_algo") != "W8A8_SQ_PER_CHANNEL":
+        return
+    for shard in config_path.parent.glob(shards):
+        with safe_open(str(shard), "pt") as f:
+            if any(k.endswith(act_suffix) for k in f.keys()):  # noqa: SIM118 - safe_open has no __iter__
+                return
+    quant["quant_algo"] = PER_TOKEN_SQ_ALGO
+    config_path.write_text(json.dumps(cfg, indent=4))
 
 
 def _fix_pre_quant_flag(folder: Path) -> None:
@@ -95,6 +114,14 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
         model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
     with staging_dir(target) as tmp, _quiet():
         export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
+        if (tmp / "hf_quant_config.json").is_file():
+            _label_per_token_smoothquant(tmp / "hf_quant_config.json", "quantization", "*.safetensors", ".input_scale")
+            algo = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")
+            config = json.loads((tmp / "config.json").read_text())
+            qc = config.get("quantization_config") or {}
+            if qc.get("quant_algo") not in (None, algo):
+                qc["quant_algo"] = algo  # keep config.json consistent with hf_quant_config.json
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return target
 
 

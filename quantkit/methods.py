@@ -52,6 +52,8 @@ METHODS: dict[str, Method] = {
         ),
         Method("fp8", "FP8 E4M3 weights and activations, per-tensor static scales", "FP8_DEFAULT_CFG", True,
                _COMMON, {}, "FP8"),
+        Method("fp8_pcpt", "FP8 E4M3 per-channel weights, dynamic per-token activations (no calibration data)",
+               "FP8_PER_CHANNEL_PER_TOKEN_CFG", False, _COMMON, {}, "FP8_PER_CHANNEL_PER_TOKEN"),
         Method("int8_wo", "INT8 per-channel weights only", "INT8_WEIGHT_ONLY_CFG", False, _COMMON, {}, "W8A16"),
         Method("nvfp4", "NVFP4 weights and activations (Blackwell)", "NVFP4_DEFAULT_CFG", True, _COMMON, {},
                "NVFP4", needs_cuda=True),
@@ -112,12 +114,9 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
                 wc["block_sizes"] = {**wc["block_sizes"], -1: settings["block_size"]}
                 wc["block_sizes"].pop("-1", None)
     if method.name == "int8_sq":
+        # Per-token activations are switched on after calibration (quantize.py): ModelOpt's SmoothQuant
+        # search needs static per-channel statistics on the input quantizers while it runs.
         cfg["algorithm"] = {"method": "smoothquant", "alpha": settings["smoothquant_alpha"]}
-        if settings["activations"] == "per_token":
-            # Dynamic per-token activation scales, as TensorRT-LLM's per-token SmoothQuant plugins compute them.
-            for e in entries:
-                if e.get("quantizer_name") == "*input_quantizer" and "cfg" in e:
-                    e["cfg"] = {"num_bits": 8, "axis": None, "type": "dynamic", "block_sizes": {-1: None}}
     if settings.get("awq_algorithm") is not None:
         algo = cfg["algorithm"]
         cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}
@@ -128,3 +127,8 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
     if section.kv_cache == "fp8":
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
     return cfg
+
+
+# Dynamic per-token int8 activations (what TensorRT-LLM's per-token SmoothQuant plugin computes at run time).
+PER_TOKEN_INT8 = {"num_bits": 8, "axis": None, "type": "dynamic", "block_sizes": {-1: None}}
+PER_TOKEN_SQ_ALGO = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"

@@ -90,7 +90,27 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
     with contextlib.redirect_stdout(chatter):
         model = mtq.quantize(model, cfg, forward_loop)
     log.debug("modelopt output:\n%s", chatter.getvalue())
+    if resolved_settings(section).get("activations") == "per_token":
+        use_per_token_activations(model)
     return model
+
+
+def use_per_token_activations(model: torch.nn.Module) -> int:
+    """Switch calibrated static int8 input quantizers of linear layers to dynamic per-token scaling.
+
+    SmoothQuant's smoothing factors stay in the weights and pre-quant scales; only the activation scale
+    changes from one calibrated number per tensor to one computed per token at run time.
+    """
+    from quantkit.methods import PER_TOKEN_INT8
+
+    switched = 0
+    for name, module in model.named_modules():
+        if name.endswith("input_quantizer") and getattr(module, "is_enabled", False) and module.num_bits == 8:
+            module.set_from_attribute_config(PER_TOKEN_INT8)
+            if hasattr(module, "_amax"):
+                delattr(module, "_amax")  # no static scale: exporters then write none
+            switched += 1
+    return switched
 
 
 def quantizer_summary(model: torch.nn.Module) -> dict[str, int]:
