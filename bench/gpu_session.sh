@@ -20,7 +20,7 @@ for step in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
       python3 -c "import torch, transformers, triton, modelopt; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'modelopt', modelopt.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v WARN ;;
     tests)
-      QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_runtime.py -q -s -rs \
+      PYTHONPATH=$PWD/tests:$PYTHONPATH QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_runtime.py -q -s -rs \
         -k "not interpreter" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel err|passed|failed|Error|error|assert|SKIP" | head -80 ;;
     kernels)

@@ -68,7 +68,7 @@ def time_case(fmt: str, kernel: str | None, m: int, layers, dev) -> float:
     for layer in layers:
         for mod in layer.values():
             if isinstance(mod, QuantLinear) and kernel is not None:
-                mod.kernels = {"decode": kernel, "prefill": kernel, **({"decode_m1": kernel} if fmt == "int4" else {})}
+                mod.kernels = {"decode": kernel, "prefill": kernel}
 
     def run():
         for layer in layers:
@@ -86,12 +86,14 @@ CASES = [  # (label, fmt, kernel)
     ("fp8 _scaled_mm", "fp8", "torch._scaled_mm"),
     ("int8_sq triton w8a8", "int8_sq", "triton_w8a8"),
     ("int8_sq _int_mm", "int8_sq", "torch._int_mm"),
-    ("int8_sq dequant", "int8_sq", "dequant"),
+    ("int8 triton_dequant+cuBLAS", "int8_sq", "triton_dequant"),
     ("int8_wo triton w8a16", "int8_wo", "triton_w8a16"),
     ("int4 tinygemm", "int4", "tinygemm"),
     ("int4 triton w4a16", "int4", "triton_w4a16"),
-    ("int4 dequant", "int4", "dequant"),
+    ("int4 triton_dequant+cuBLAS", "int4", "triton_dequant"),
 ]
+PREFILL_ONLY = {"triton_dequant"}
+PREFILL_TOO = {None, "torch._scaled_mm", "torch._int_mm"}
 
 
 def main() -> None:
@@ -117,7 +119,8 @@ def main() -> None:
         if kernel == "tinygemm" and layers[0]["q"].tinygemm_weight is None:
             print(f"{label}: tinygemm unavailable here")
             continue
-        for m in ms + (pms if kernel in (None, "torch._scaled_mm", "torch._int_mm", "dequant") else []):
+        m_list = pms if kernel in PREFILL_ONLY else ms + (pms if kernel in PREFILL_TOO else [])
+        for m in m_list:
             try:
                 us = time_case(fmt, kernel, m, layers, dev)
             except Exception as exc:

@@ -202,6 +202,13 @@ def main() -> None:
                          "prepare_s": r["prepare_s"]})
         say(f"{method}: " + ", ".join(f"b{r['batch_size']} {r['decode_tok_s']:.1f} tok/s (graph={r['cuda_graph']})"
                                       for r in res["results"]) + f"; kernels {res['kernels']}")
+        report(rows, runs, args, card, bw)  # after every method: a run cut short keeps what it measured
+
+
+def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, card: str, bw: float) -> None:
+    import transformers
+    import triton
+
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["method"] == "bf16"}
     for r in rows:
         r["vs_bf16"] = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else None

@@ -181,22 +181,26 @@ class Generator:
 
 
 def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: str | torch.device, *,
-                compile: bool | None = None, cuda_graph: bool | None = None, seed: int = 0) -> dict[str, Any]:
+                compile: bool | None = None, cuda_graph: bool | None = None, fuse: bool | None = None,
+                seed: int = 0) -> dict[str, Any]:
     """Greedy-generation speed of `model` for each batch size in `bench` (prompts: random token ids).
 
-    compile / cuda_graph default to on for CUDA and off for CPU. The tokenizer is only used for its name: the
-    prompts are random ids of exactly `bench.input_len` tokens so every method sees identical work.
+    compile / cuda_graph / fuse default to on for CUDA and off for CPU. fuse: q/k/v and gate/up become one GEMM
+    each, in place (runtime.fuse_projections; same arithmetic, applied to the unquantized baseline too). The
+    tokenizer is only used for its name: the prompts are random ids of exactly `bench.input_len` tokens so every
+    method sees identical work.
     """
-    from quantkit.runtime import kernel_summary, use_quantkit_attention, weight_bytes
+    from quantkit.runtime import fuse_projections, kernel_summary, use_quantkit_attention, weight_bytes
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     compile = on_cuda if compile is None else compile
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+    fused = fuse_projections(model) if (on_cuda if fuse is None else fuse) else []
     vocab = model.config.vocab_size
     result: dict[str, Any] = {
         "device": device.type, "card": card_name(device), "torch": torch.__version__,
-        "settings": bench.model_dump(), "compile": compile, "cuda_graph": cuda_graph,
+        "settings": bench.model_dump(), "compile": compile, "cuda_graph": cuda_graph, "fused_layers": len(fused),
         "weight_bytes_per_step": weight_bytes(model), "kernels": kernel_summary(model),
         "tokenizer": getattr(tokenizer, "name_or_path", None), "results": [],
     }

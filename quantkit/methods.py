@@ -36,7 +36,8 @@ METHODS: dict[str, Method] = {
         Method(
             "int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", True,
             _COMMON | {"smoothquant_alpha", "activations"},
-            {"smoothquant_alpha": 0.5, "activations": "per_tensor"}, "W8A8_SQ_PER_CHANNEL",
+            # Defaults measured on SmolLM2-135M (eval/RESULTS.md): per-token activations, alpha 0.5.
+            {"smoothquant_alpha": 0.5, "activations": "per_token"}, "W8A8_SQ_PER_CHANNEL",
         ),
         Method(
             "int4_awq", "INT4 block-wise weights, AWQ scale search, 16-bit activations", "INT4_AWQ_CFG", True,
@@ -117,6 +118,8 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
         # Per-token activations are switched on after calibration (quantize.py): ModelOpt's SmoothQuant
         # search needs static per-channel statistics on the input quantizers while it runs.
         cfg["algorithm"] = {"method": "smoothquant", "alpha": settings["smoothquant_alpha"]}
+        if settings["smoothquant_alpha"] == "auto":
+            cfg["algorithm"] = None  # quantizers only: quantkit.smoothquant calibrates and smooths per layer
     if settings.get("awq_algorithm") is not None:
         algo = cfg["algorithm"]
         cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}

@@ -122,6 +122,10 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                             calibration_tokens=int(calib.input_ids.numel()) if calib else 0,
                             calibration_fingerprint=calib.fingerprint if calib else None,
                             quantize_s=round(time.perf_counter() - t0, 2))
+                alphas = getattr(model, "quantkit_smoothquant_alphas", None)
+                if alphas:  # alpha: auto — the per-layer choice is part of the run's record
+                    atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)
+                    info["smoothquant_alphas"] = "quantize/smoothquant_alphas.json"
                 if method.preset is not None:
                     _save_modelopt_state(model, state_path)
         exports = run_dir / "export"

@@ -86,11 +86,17 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
             raise QuantkitError(f"method '{method.name}' needs calibration data", where="calibration")
         forward_loop = make_forward_loop(calib, counter, desc=f"calibrate {method.name}")
     # ModelOpt prints its config and every inserted quantizer: keep that in the debug log, not the terminal.
+    settings = resolved_settings(section)
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):
-        model = mtq.quantize(model, cfg, forward_loop)
+        model = mtq.quantize(model, cfg, forward_loop if cfg.get("algorithm") is not None else None)
+        if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
+            from quantkit.smoothquant import smoothquant_auto
+
+            alphas = smoothquant_auto(model, forward_loop, per_token=settings["activations"] == "per_token")
+            model.quantkit_smoothquant_alphas = alphas  # recorded in the manifest by the pipeline
     log.debug("modelopt output:\n%s", chatter.getvalue())
-    if resolved_settings(section).get("activations") == "per_token":
+    if settings.get("activations") == "per_token":
         use_per_token_activations(model)
     return model
 

@@ -37,7 +37,8 @@ class QuantizeSection(_Section):
     method: str = Field(description="a name from the method registry (quantkit methods)")
     block_size: int | None = Field(default=None, gt=0, description="group size for block-wise int4")
     awq_algorithm: Literal["awq_lite", "awq_clip", "awq_full"] | None = None
-    smoothquant_alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    smoothquant_alpha: float | Literal["auto"] | None = Field(
+        default=None, description="SmoothQuant migration strength in [0, 1], or 'auto': searched per layer")
     activations: Literal["per_tensor", "per_token"] | None = Field(
         default=None, description="INT8 SmoothQuant activation scaling: static per-tensor or dynamic per-token"
     )
@@ -50,6 +51,13 @@ class QuantizeSection(_Section):
 
         check_method_settings(self)  # raises ValueError("field '<knob>': ...") with the fix
         return self
+
+    @field_validator("smoothquant_alpha")
+    @classmethod
+    def _alpha_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] or 'auto', got {v}")
+        return v
 
     @field_validator("block_size")
     @classmethod

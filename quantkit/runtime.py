@@ -23,18 +23,24 @@ reproduce):
   an FP8 KV cache, not its memory saving (the static cache still stores bf16).
 
 Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
-QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant):
-| format     | CUDA, M <= 16 (decode)                            | CUDA, M > 16 (prefill)        | CPU              |
-|------------|---------------------------------------------------|-------------------------------|------------------|
-| fp8        | torch._scaled_mm (sm89+; M padded to 16)          | torch._scaled_mm              | dequant          |
-| int8_sq    | quantkit Triton W8A8 (int8 tensor cores)          | torch._int_mm (cuBLASLt)      | dequant          |
-| int8_wo    | quantkit Triton W8A16                             | dequant + cuBLAS bf16         | dequant          |
-| int4 (W4A16)| aten._weight_int4pack_mm (tinygemm) at M = 1,    | dequant + cuBLAS bf16         | dequant          |
-|            | quantkit Triton W4A16 at 2 <= M <= 16             |                               |                  |
-| w4a8_awq   | dequant (emulation; no W4A8 kernel in PyTorch)    | dequant                       | dequant          |
-"dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* (the
-model's memory stays quantized) and multiplied with F.linear in the model dtype, with activations fake-quantized
-exactly as ModelOpt does. `torch._int_mm` is not used at decode: DESIGN.md measured it at 0.16x of bf16 at M=1.
+QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant,
+QUANTKIT_INT8_PREFILL=dequant|int_mm). Chosen from bench/kernels.py on an H200 (per decoder layer of
+Llama-3.1-8B, M=1, vs bf16 cuBLAS 131 us): fp8 _scaled_mm 165 us eager (the activation quantization is 4-5 small
+kernels; torch.compile fuses it), int4 tinygemm 78 us (1.68x; 0.85x at M=8), quantkit Triton W8A16 103 us,
+torch._int_mm 293 us at M=1 and 0.45x of bf16 at M=1024 (with its scale epilogue), dequantize-then-cuBLAS
+1.8-4.7 ms with torch ops (hence one-pass Triton dequantization).
+| format      | CUDA, M <= 16 (decode)                           | CUDA, M > 16 (prefill)                 | CPU     |
+|-------------|--------------------------------------------------|----------------------------------------|---------|
+| fp8         | torch._scaled_mm (sm89+; M padded to 16)         | torch._scaled_mm                       | dequant |
+| int8_sq     | quantkit Triton W8A8 (int8 tensor cores)         | triton_dequant + cuBLAS (or _int_mm)   | dequant |
+| int8_wo     | quantkit Triton W8A16                            | triton_dequant + cuBLAS                | dequant |
+| int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
+| w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
+"dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
+ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
+fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic with the weight dequantized in one
+Triton pass (quantkit::dequant_int8/int4). Every Triton kernel and tinygemm is self-checked once per device
+against the torch reference before a plan uses it; a kernel that fails falls back to the next choice.
 """
 
 from __future__ import annotations
@@ -55,9 +61,6 @@ log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0
 DECODE_MAX_M = triton_gemm.MAX_M
-# tinygemm is the fastest int4 kernel measured at M = 1 but 2-3x slower than bf16 at M = 16 (DESIGN.md), so it is
-# used for M <= this and the Triton kernel above it.
-INT4_TINYGEMM_MAX_M = 1
 
 _QUANT_WEIGHT_DTYPES = {torch.float8_e4m3fn, torch.int8, torch.uint8}
 
@@ -131,6 +134,81 @@ def tinygemm_supported(n: int, k: int, group: int, device: torch.device) -> bool
     return _TINYGEMM_OK[key]
 
 
+# ----------------------------------------------------------------------------- self-checks of our Triton kernels
+
+_KERNEL_OK: dict[tuple[str, str], bool] = {}
+
+
+def kernel_ok(name: str, device: torch.device) -> bool:
+    """Run kernel `name` once on small random data against the torch reference (cached per device)."""
+    device = torch.device(device)
+    if not triton_gemm.available(device):
+        return False
+    key = (name, str(device))
+    if key in _KERNEL_OK:
+        return _KERNEL_OK[key]
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter mishandles bf16
+    g = torch.Generator().manual_seed(0)
+    n, k, m, group = 64, 256, 3, 64
+    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    q4 = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 1e-2 + 1e-3
+    gs = torch.rand(n, k // group, generator=g) * 1e-1 + 1e-2
+    x = torch.randn(m, k, generator=g)
+    s = torch.tensor(0.02)
+    pqs = torch.rand(k, generator=g) + 0.5
+    d = {t: v.to(device) for t, v in dict(w8=w8, q4=triton_gemm.pack_int4_k(q4), ws=ws, gs=gs, s=s).items()}
+    try:
+        if name == "triton_w8a8":
+            xq = quantize_int8(x, s)
+            got = triton_gemm.w8_gemm(xq.to(device), d["w8"], d["ws"], d["s"], dt)
+            ref = (xq.float() @ w8.float().t()) * s * ws
+        elif name == "triton_w8a16":
+            got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
+            ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
+        elif name == "triton_w4a16":
+            got = triton_gemm.w4_gemm(x.to(device, dt), d["q4"], d["gs"], group, pqs.to(device, dt))
+            ref = (x.to(dt) * pqs.to(dt)).float() @ (q4.float() * gs.repeat_interleave(group, 1)).t()
+        elif name == "triton_dequant8":
+            got = triton_gemm.dequant_int8(d["w8"], d["ws"], dt)
+            ref = w8.float() * ws[:, None]
+        elif name == "triton_dequant4":
+            got = triton_gemm.dequant_int4(d["q4"], d["gs"], group, dt)
+            ref = q4.float() * gs.repeat_interleave(group, 1)
+        else:
+            raise KeyError(name)
+        err = ((got.float().cpu() - ref).norm() / ref.norm()).item()
+        ok = err < 1e-2
+        if not ok:
+            log.warning("kernel %s failed its self-check on %s (rel err %.3g): not used", name, device, err)
+    except Exception as exc:  # a kernel that cannot compile or run here is simply not used
+        log.warning("kernel %s unavailable on %s (%s: %s)", name, device, type(exc).__name__, exc)
+        ok = False
+    _KERNEL_OK[key] = ok
+    return ok
+
+
+def fp8_rowwise_ok(device: torch.device) -> bool:
+    """Whether torch._scaled_mm does row-wise scaling here (cached self-check against the dequantized product)."""
+    device = torch.device(device)
+    key = ("fp8_rowwise", str(device))
+    if key not in _KERNEL_OK:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w = (torch.randn(64, 128, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            ws = torch.rand(64, generator=g) * 1e-3 + 1e-4
+            x = (torch.randn(16, 128, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+            ref = (x.float() * 0.01) @ (w.float() * ws[:, None]).t()
+            got = torch._scaled_mm(x.to(device), w.to(device).t(), scale_a=torch.full((16, 1), 0.01, device=device),
+                                   scale_b=ws.to(device).reshape(1, -1), out_dtype=torch.bfloat16,
+                                   use_fast_accum=True)
+            _KERNEL_OK[key] = ((got.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+        except Exception as exc:  # not supported on this GPU / build: fused fp8 q/k/v then stay unfused
+            log.warning("fp8 row-wise _scaled_mm unavailable (%s)", exc)
+            _KERNEL_OK[key] = False
+    return _KERNEL_OK[key]
+
+
 # ----------------------------------------------------------------------------- the quantized linear module
 
 
@@ -138,7 +216,9 @@ class QuantLinear(nn.Module):
     """A linear layer that computes on an exported quantized weight (see the module docstring for the formats)."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, *, k_packed: bool = False) -> None:
+        """`tensors` as the checkpoint stores them (int4: ModelOpt's row-packed layout), or, with k_packed=True,
+        int4 weights already in quantkit's K-packed layout (used when fusing layers)."""
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = in_features, out_features
@@ -156,18 +236,19 @@ class QuantLinear(nn.Module):
         buf("weight_scale_2", tensors.get("weight_scale_2"), torch.float32)
         bias = tensors.get("bias")
         buf("bias", bias, dtype)
-        w = tensors["weight"]
+        w = tensors["weight"].to(dev)  # unpack / repack on the target device (fast on a GPU)
         self.group_size = 0
         self.tinygemm_inner_k_tiles = 0
+        self.rowwise = fmt == "fp8" and self.weight_scale.numel() > 1  # fused fp8 parts: one scale per row
         if fmt in ("int4", "w4a8"):
-            q = unpack_modelopt_int4(w)
+            q = triton_gemm.unpack_int4_k(w) if k_packed else unpack_modelopt_int4(w)
             self.group_size = in_features // self.weight_scale.shape[1]
             # K-packed layout: read by the Triton kernel and by the dequant path
             buf("weight", triton_gemm.pack_int4_k(q))
             self.register_buffer("tinygemm_weight", None)
             self.register_buffer("tinygemm_scales_zeros", None)
             if fmt == "int4" and tinygemm_supported(out_features, in_features, self.group_size, dev):
-                packed, sz, tiles = _tinygemm_pack(q.to(dev), self.weight_scale, self.group_size)
+                packed, sz, tiles = _tinygemm_pack(q, self.weight_scale, self.group_size)
                 self.tinygemm_weight, self.tinygemm_scales_zeros = packed, sz
                 self.tinygemm_inner_k_tiles = tiles
         else:
@@ -177,40 +258,48 @@ class QuantLinear(nn.Module):
     # -- which kernel runs where (recorded on the model as quantkit_kernels)
     def _plan(self, dev: torch.device) -> dict[str, str]:
         cuda = dev.type == "cuda"
-        triton_ok = triton_gemm.available(dev)
-        int8_decode = os.environ.get("QUANTKIT_INT8_DECODE", "triton")
-        int4_decode = os.environ.get("QUANTKIT_INT4_DECODE", "auto")
-        deq = "dequant"
+        env = os.environ.get
         if self.fmt == "fp8":
-            k = "torch._scaled_mm" if cuda and _cuda_capability(dev) >= (8, 9) else deq
+            ok = cuda and _cuda_capability(dev) >= (8, 9) and (not self.rowwise or fp8_rowwise_ok(dev))
+            k = "torch._scaled_mm" if ok else "dequant"
             return {"decode": k, "prefill": k}
+        w8 = "triton_dequant" if kernel_ok("triton_dequant8", dev) else "dequant"
         if self.fmt == "int8_sq":
-            decode = {"triton": "triton_w8a8" if triton_ok else deq, "int_mm": "torch._int_mm", "dequant": deq}
-            return {"decode": decode[int8_decode] if cuda or triton_ok else deq,
-                    "prefill": "torch._int_mm" if cuda else deq}
+            choice = env("QUANTKIT_INT8_DECODE", "triton")
+            decode = {"triton": "triton_w8a8" if kernel_ok("triton_w8a8", dev) else "dequant",
+                      "int_mm": "torch._int_mm", "dequant": "dequant"}[choice]
+            prefill = w8 if env("QUANTKIT_INT8_PREFILL", "dequant") == "dequant" or not cuda else "torch._int_mm"
+            if cuda and prefill == "dequant":
+                prefill = "torch._int_mm"  # without the fast dequantization, cuBLASLt int8 is the better bet
+            return {"decode": decode, "prefill": prefill}
         if self.fmt == "int8_wo":
-            return {"decode": "triton_w8a16" if triton_ok and int8_decode == "triton" else deq, "prefill": deq}
+            ok = env("QUANTKIT_INT8_DECODE", "triton") == "triton" and kernel_ok("triton_w8a16", dev)
+            return {"decode": "triton_w8a16" if ok else w8, "prefill": w8}
         if self.fmt == "int4":
-            tiny = self.tinygemm_weight is not None
-            if int4_decode == "auto":
-                m1 = "tinygemm" if tiny else ("triton_w4a16" if triton_ok else deq)
-                small = "triton_w4a16" if triton_ok else deq
-            else:
-                choice = {"tinygemm": "tinygemm" if tiny else deq, "triton": "triton_w4a16" if triton_ok else deq,
-                          "dequant": deq}[int4_decode]
-                m1 = small = choice
-            return {"decode_m1": m1, "decode": small, "prefill": deq}
-        return {"decode": deq, "prefill": deq}  # w4a8: emulation only
+            w4 = "triton_dequant" if kernel_ok("triton_dequant4", dev) else "dequant"
+            tiny = "tinygemm" if self.tinygemm_weight is not None else None
+            tri = "triton_w4a16" if kernel_ok("triton_w4a16", dev) else None
+            choice = env("QUANTKIT_INT4_DECODE", "tinygemm")
+            order = {"tinygemm": [tiny, tri], "triton": [tri, tiny], "dequant": []}[choice]
+            decode = next((c for c in order if c), w4)
+            return {"decode": decode, "prefill": w4}
+        return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
                 f"group_size={self.group_size}, kernels={self.kernels}")
 
     # -- the reference (dequantize) path
-    def dequantize_weight(self) -> torch.Tensor:
-        """The effective weight [out, in] in the model dtype, exactly as the fake-quantized model sees it."""
+    def dequantize_weight(self, fast: bool = False) -> torch.Tensor:
+        """The effective weight [out, in] in the model dtype, exactly as the fake-quantized model sees it.
+
+        fast: dequantize in one Triton pass (same arithmetic: w * scale in fp32, rounded once)."""
+        if fast and self.fmt in ("int8_sq", "int8_wo"):
+            return triton_gemm.dequant_int8(self.weight, self.weight_scale, self.compute_dtype)
+        if fast and self.fmt == "int4":
+            return triton_gemm.dequant_int4(self.weight, self.weight_scale, self.group_size, self.compute_dtype)
         if self.fmt == "fp8":
-            w = self.weight.float() * self.weight_scale
+            w = self.weight.float() * (self.weight_scale[:, None] if self.rowwise else self.weight_scale)
         elif self.fmt in ("int8_sq", "int8_wo"):
             w = self.weight.float() * self.weight_scale[:, None]
         else:
@@ -220,14 +309,14 @@ class QuantLinear(nn.Module):
                 w = fake_fp8(w, self.weight_scale_2)
         return w.to(self.compute_dtype)
 
-    def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _dequant_forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         if self.fmt in ("fp8", "w4a8"):
             x = fake_fp8(x, self.input_scale)
         elif self.fmt == "int8_sq":
             x = (quantize_int8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
-        return F.linear(x, self.dequantize_weight())
+        return F.linear(x, self.dequantize_weight(fast))
 
     # -- the kernels
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,41 +325,48 @@ class QuantLinear(nn.Module):
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
         xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                             out_dtype=x.dtype, use_fast_accum=True)
+        if self.rowwise:  # per-output-channel weight scales (fused q/k/v): cuBLASLt row-wise scaling
+            sa = self.input_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sa, scale_b=self.weight_scale.reshape(1, -1),
+                                 out_dtype=x.dtype, use_fast_accum=True)
+        else:
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                                 out_dtype=x.dtype, use_fast_accum=True)
         return y[:m] if pad else y
+
+    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        return quantize_int8(x, self.input_scale)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale
         pad = 32 - m if m <= 16 else 0  # _int_mm needs M > 16 (only reached at decode via QUANTKIT_INT8_DECODE)
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        acc = torch._int_mm(quantize_int8(x, self.input_scale), self.weight.t())
+        acc = torch._int_mm(self._quantized_input(x), self.weight.t())
         y = (acc.float() * (self.input_scale * self.weight_scale)).to(x.dtype)
         return y[:m] if pad else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        kernel = self.kernels["decode"] if m <= DECODE_MAX_M else self.kernels["prefill"]
-        if m <= INT4_TINYGEMM_MAX_M and "decode_m1" in self.kernels:
-            kernel = self.kernels["decode_m1"]
-        if kernel == "dequant":
-            return self._dequant_forward(x)
+        kernel = self.kernels["decode"] if x.shape[0] <= DECODE_MAX_M else self.kernels["prefill"]
+        if kernel in ("dequant", "triton_dequant"):
+            return self._dequant_forward(x, fast=kernel == "triton_dequant")
         if kernel == "torch._scaled_mm":
             return self._scaled_mm(x)
         if kernel == "torch._int_mm":
             return self._int_mm(x)
-        if kernel in ("triton_w8a8", "triton_w8a16"):
-            return triton_gemm.w8_gemm(x, self.weight, self.weight_scale,
-                                       self.input_scale if kernel == "triton_w8a8" else None, self.pre_quant_scale)
+        if kernel == "triton_w8a8":
+            return triton_gemm.w8_gemm(self._quantized_input(x), self.weight, self.weight_scale, self.input_scale,
+                                       x.dtype)
+        if kernel == "triton_w8a16":
+            return triton_gemm.w8_gemm(x, self.weight, self.weight_scale)
         if kernel == "triton_w4a16":
             return triton_gemm.w4_gemm(x, self.weight, self.weight_scale, self.group_size, self.pre_quant_scale)
         if kernel == "tinygemm":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
-            return torch.ops.aten._weight_int4pack_mm(x, self.tinygemm_weight, self.group_size,
+            return torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.tinygemm_weight, self.group_size,
                                                       self.tinygemm_scales_zeros)
         raise RuntimeError(f"unknown kernel {kernel}")
 
@@ -283,11 +379,140 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads for this layer (the layout its decode kernel streams, plus scales)."""
-        main = self.weight
-        if self.kernels.get("decode_m1") == "tinygemm" and self.tinygemm_weight is not None:
-            main = self.tinygemm_weight
+        main = self.tinygemm_weight if self.kernels.get("decode") == "tinygemm" else self.weight
         extra = [t for t in (self.weight_scale, self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
         return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
+
+
+# ----------------------------------------------------------------------------- fusing projections that share an input
+
+
+def _same(tensors: list[torch.Tensor | None]) -> bool:
+    if all(t is None for t in tensors):
+        return True
+    return all(t is not None and t.shape == tensors[0].shape and torch.equal(t, tensors[0]) for t in tensors)
+
+
+def _can_fuse(mods: list[nn.Module]) -> bool:
+    if all(type(m) is nn.Linear for m in mods):
+        return (len({m.in_features for m in mods}) == 1 and len({m.weight.dtype for m in mods}) == 1
+                and len({m.bias is None for m in mods}) == 1)
+    if not all(isinstance(m, QuantLinear) for m in mods):
+        return False
+    m0 = mods[0]
+    if m0.fmt == "w4a8" or any((m.fmt, m.in_features, m.group_size, m.compute_dtype) !=
+                               (m0.fmt, m0.in_features, m0.group_size, m0.compute_dtype) for m in mods):
+        return False
+    # one activation quantization for all parts: the exporter gives them the same input scale and pre-quant scale
+    if not (_same([m.input_scale for m in mods]) and _same([m.pre_quant_scale for m in mods])
+            and len({m.bias is None for m in mods}) == 1):
+        return False
+    dev = m0.weight.device
+    if m0.fmt == "fp8" and not _same([m.weight_scale for m in mods]) and dev.type == "cuda":
+        return fp8_rowwise_ok(dev)
+    return True
+
+
+def _concat(mods: list[nn.Module]) -> nn.Module:
+    m0 = mods[0]
+    out = sum(m.out_features for m in mods)
+    bias = torch.cat([m.bias for m in mods]) if m0.bias is not None else None
+    if type(m0) is nn.Linear:
+        lin = nn.Linear(m0.in_features, out, bias=bias is not None, device=m0.weight.device, dtype=m0.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.cat([m.weight for m in mods]))
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
+    if m0.fmt == "fp8" and not _same([m.weight_scale for m in mods]):
+        ws = torch.cat([m.weight_scale.reshape(1).expand(m.out_features) for m in mods])  # per-row from now on
+    elif m0.fmt == "fp8":
+        ws = m0.weight_scale
+    else:
+        ws = torch.cat([m.weight_scale for m in mods])
+    tensors = {"weight": torch.cat([m.weight for m in mods]), "weight_scale": ws, "input_scale": m0.input_scale,
+               "pre_quant_scale": m0.pre_quant_scale, "bias": bias}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    return QuantLinear(m0.fmt, tensors, m0.in_features, out, m0.compute_dtype, m0.weight.device, k_packed=True)
+
+
+class _SharedOutput:
+    """Runs the fused projection once per input and hands each part its slice (plain object: not a module)."""
+
+    def __init__(self, fused: nn.Module, sizes: list[int]) -> None:
+        self.fused, self.sizes = fused, sizes
+        self._x: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if index == 0 or self._x is not x:  # q first, then k and v on the same tensor (any other order recomputes)
+            self._parts = self.fused(x).split(self.sizes, dim=-1)
+            self._x = x
+        y = self._parts[index]
+        if index == len(self.sizes) - 1:
+            self._x, self._parts = None, ()
+        return y
+
+
+class FusedPart(nn.Module):
+    """Stands in for q_proj / k_proj / v_proj after fusion: returns its slice of the fused projection."""
+
+    def __init__(self, shared: _SharedOutput, index: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_shared", shared)  # not a submodule: the fused layer is registered once
+        self.index, self.in_features, self.out_features = index, in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared.part(x, self.index)
+
+
+class FusedGateUpMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up as one GEMM (the gated MLP of Llama-style models)."""
+
+    def __init__(self, gate_up: nn.Module, down_proj: nn.Module, act_fn: nn.Module, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn, self.intermediate = gate_up, down_proj, act_fn, intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split([self.intermediate, self.intermediate], dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_projections(model: nn.Module) -> list[str]:
+    """Fuse q/k/v into one GEMM per attention layer and gate/up into one per MLP, in place (as TensorRT-LLM's
+    checkpoints do). Same arithmetic: the parts share their input, input scale and pre-quant scale (checked), and
+    keep their own weight scales (fp8: per-row). Returns the names of the fused layers; `model.quantkit_kernels`
+    is updated to them."""
+    fused: list[str] = []
+    plan = getattr(model, "quantkit_kernels", None)
+    for name, mod in list(model.named_modules()):
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj")):
+            parts = [mod.q_proj, mod.k_proj, mod.v_proj]
+            if not _can_fuse(parts):
+                continue
+            qkv = _concat(parts)
+            shared = _SharedOutput(qkv, [p.out_features for p in parts])
+            mod.qkv_proj = qkv
+            for i, attr in enumerate(("q_proj", "k_proj", "v_proj")):
+                setattr(mod, attr, FusedPart(shared, i, parts[i].in_features, parts[i].out_features))
+            fused.append(f"{name}.qkv_proj")
+        elif type(mod).__name__.endswith("MLP") and all(hasattr(mod, a) for a in
+                                                         ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            parts = [mod.gate_proj, mod.up_proj]
+            if parts[0].out_features != parts[1].out_features or not _can_fuse(parts):
+                continue
+            model.set_submodule(name, FusedGateUpMLP(_concat(parts), mod.down_proj, mod.act_fn,
+                                                     parts[0].out_features))
+            fused.append(f"{name}.gate_up_proj")
+        else:
+            continue
+        if plan is not None:
+            for old in ("q_proj", "k_proj", "v_proj") if fused[-1].endswith("qkv_proj") else ("gate_proj", "up_proj"):
+                info = plan.pop(f"{name}.{old}", None)
+            new = model.get_submodule(fused[-1])
+            if info is not None and isinstance(new, QuantLinear):
+                plan[fused[-1]] = {"format": new.fmt, **new.kernels}
+    return fused
 
 
 # ----------------------------------------------------------------------------- attention (GQA without repeat_kv)
@@ -379,10 +604,11 @@ def _layer_format(t: dict[str, torch.Tensor]) -> str | None:
     return "w4a8" if "weight_scale_2" in t else "int4"
 
 
-def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Any]:
+def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                   fuse: bool = False) -> tuple[nn.Module, Any]:
     """Load a quantkit/ModelOpt HF unified checkpoint as (model, tokenizer) computing with real quantized weights.
 
+    fuse: also fuse q/k/v and gate/up into one GEMM each (`fuse_projections`; the bench does this itself).
     The tokenizer is None when the folder holds none. `model.quantkit_kernels` maps each quantized layer to its
     format and kernels; `model.quantkit_quant` is the checkpoint's quantization block.
     """
@@ -445,6 +671,8 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu",
     model.eval()
     model.quantkit_kernels = plan
     model.quantkit_quant = qcfg
+    if fuse:
+        fuse_projections(model)
     tokenizer = None
     if any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)

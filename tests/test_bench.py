@@ -84,13 +84,14 @@ def test_decode_step_never_reads_device_values_on_the_host(variant: str | None) 
 def test_bench_model_numbers_are_sane() -> None:
     model, tok = load_quantized(roundtrip("int4_awq").hf_dir, "cpu", torch.float32)
     bench = BenchSection(batch_sizes=[1, 2], input_len=16, output_len=6, warmup=0, repeats=2)
-    res = bench_model(model, tok, bench, "cpu")
+    res = bench_model(model, tok, bench, "cpu", fuse=True)
+    assert res["fused_layers"] == 4  # 2 x (q/k/v, gate/up)
     assert [r["batch_size"] for r in res["results"]] == [1, 2]
     for r in res["results"]:
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and 0 < r["ttft_s"] < 60
         assert r["peak_cpu_mb"] > 10 and r["peak_gpu_mb"] is None
         assert r["repeats"] == 2 and len(r["first_tokens"]) == 6
-    assert res["kernels"]["int4/prefill:dequant"] == 14
+    assert res["kernels"]["int4/prefill:dequant"] == 2 * 4  # per layer: qkv, o, gate_up, down
     assert 0 < res["weight_bytes_per_step"] < 4 * 256 * 128 + 14 * 256 * 128
 
 

@@ -56,7 +56,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def test_int8_sq(tmp_path, calib_ids):
-    model = quantized(tmp_path, calib_ids, method="int8_sq", smoothquant_alpha=0.5)
+    model = quantized(tmp_path, calib_ids, method="int8_sq", smoothquant_alpha=0.5, activations="per_tensor")
     hf = tensors(tmp_path / "hf" / "model.safetensors")
     w, s = hf[f"{LAYER}.weight"], hf[f"{LAYER}.weight_scale"]
     assert w.dtype == torch.int8 and w.shape == (128, 128) and s.shape == (128,)
@@ -150,8 +150,41 @@ def test_configs_come_from_modelopt_presets():
     assert weight["cfg"]["block_sizes"][-1] == 64 and weight["cfg"]["num_bits"] == 4
     sq = build_modelopt_config(QuantizeSection(method="int8_sq", smoothquant_alpha=0.8, activations="per_token"))
     assert sq["algorithm"] == {"method": "smoothquant", "alpha": 0.8}
-    act = next(e for e in sq["quant_cfg"] if e.get("quantizer_name") == "*input_quantizer")
-    assert act["cfg"]["type"] == "dynamic"
+    auto = build_modelopt_config(QuantizeSection(method="int8_sq", smoothquant_alpha="auto"))
+    assert auto["algorithm"] is None  # quantkit.smoothquant calibrates per layer
     assert build_modelopt_config(QuantizeSection(method="fp8"))["quant_cfg"][:3] == mtq.FP8_DEFAULT_CFG["quant_cfg"][:3]
     assert build_modelopt_config(QuantizeSection(method="none", exclude=[])) is None
     assert set(METHODS) >= {"none", "int8_sq", "int4_awq", "int4_rtn", "fp8", "w4a8_awq", "int8_wo"}
+
+
+def test_smoothquant_alpha_auto_picks_per_layer_alphas(calib_ids):
+    from quantkit.smoothquant import ALPHA_GRID, layer_error
+
+    model = make_tiny_llama(vocab=256).to(torch.bfloat16)
+    model = quantize_model(model, QuantizeSection(method="int8_sq", smoothquant_alpha="auto"),
+                           CalibrationSet(calib_ids % 256, 4, "t"))
+    alphas = model.quantkit_smoothquant_alphas
+    assert len(alphas) == 2 * 7 and set(alphas.values()) <= set(ALPHA_GRID)  # every linear of 2 layers
+    layer = model.model.layers[0].self_attn.o_proj
+    assert layer.input_quantizer.pre_quant_scale is not None and layer.input_quantizer.is_enabled
+    # The search criterion itself: on inputs with a few outlier channels, smoothing beats none (alpha 0).
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 64), torch.randn(32, 64) * 0.05
+    x[:, :3] *= 50
+    amax = x.abs().amax(dim=0)
+    assert min(layer_error(x, w, amax, a, True) for a in ALPHA_GRID) < layer_error(x, w, amax, 0.0, True)
+
+
+def test_per_token_smoothquant_exports_the_per_token_algo(tmp_path, calib_ids):
+    model = quantized(tmp_path, calib_ids, method="int8_sq", smoothquant_alpha=0.5, activations="per_token")
+    layer = model.get_submodule(LAYER)
+    assert layer.input_quantizer._dynamic and layer.input_quantizer.block_sizes == {-1: None}
+    trt_cfg = json.loads((tmp_path / "trtllm" / "config.json").read_text())["quantization"]
+    assert trt_cfg["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    trt = tensors(tmp_path / "trtllm" / "rank0.safetensors")
+    assert not [k for k in trt if k.endswith("activation_scaling_factor")]  # scales come per token at run time
+    assert trt["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (128,)
+    hf = tensors(tmp_path / "hf" / "model.safetensors")
+    assert f"{LAYER}.input_scale" not in hf and hf[f"{LAYER}.weight"].dtype == torch.int8
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["quant_algo"] == \
+        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"

@@ -7,20 +7,29 @@ tensor cores (int8 x int8 -> int32 for W8A8; int -> bf16 in registers for weight
 
 Kernels (all: y[M, N] = x[M, K] @ W[N, K]^T, W row-major, one program per BLOCK_N output columns, whole K; K is a
 compile-time constant: a model has only a few distinct K, and a constant trip count lets Triton pipeline the loop):
-- `w8_gemm(x, w_int8, w_scale, in_scale=None, pre_quant_scale=None)`
-    in_scale given (INT8 SmoothQuant, static per-tensor activation scale): x is multiplied by the pre-quant
-    scale, quantized in-kernel to int8 exactly as ModelOpt's fake quantizer does (round half to even of
-    x / in_scale, clamp to [-128, 127]), int8 tensor-core dot with int32 accumulation, then scaled by
-    in_scale * w_scale[n].
+- `w8_gemm(x, w_int8, w_scale, in_scale=None)`
+    in_scale given (INT8 SmoothQuant): x is the already-quantized int8 activation (the caller applies the
+    pre-quant scale and quantizes, see runtime.quantize_int8: one cheap elementwise pass instead of redoing it in
+    every program, which made the first version ALU-bound); int8 tensor-core dot with int32 accumulation, then
+    scaled by in_scale * w_scale[n].
     in_scale None (INT8 weight-only): int8 weights converted to x's dtype in registers, fp32 accumulation.
 - `w4_gemm(x, w_packed, w_scale, group_size, pre_quant_scale=None)`: INT4 block-wise weight-only. Weights in
     quantkit's K-packed layout (`pack_int4_k`): byte [n, j] holds k = 2j in the low nibble and k = 2j + 1 in the
     high nibble, signed two's complement in [-8, 7]. One group per inner step: two dots (even / odd k) of the
     integer nibbles, then the fp32 group scale is applied to the partial sum.
 
-The kernels run under TRITON_INTERPRET=1 on CPU as well (that is how CI checks them when Triton is installed).
-They are registered as torch custom ops (`quantkit::w8_gemm`, `quantkit::w4_gemm`) so torch.compile treats them
-as opaque calls.
+- `dequant_int8(w, w_scale, dtype)`, `dequant_int4(w_packed, w_scale, group_size, dtype)`: one pass that writes the
+    dequantized weight (w * scale in fp32, rounded once to dtype, as the fake quantizer computes it), for prefill
+    (big M), where the GEMM itself then runs on cuBLAS.
+
+Measured on an H200 (bench/kernels.py, 2026-11-26, per decoder layer of Llama-3.1-8B at M=1): the first W8A8
+version, quantizing x inside every program, ran at 0.91x of bf16 while the same kernel without it (W8A16) ran at
+1.27x; the W4A16 kernel (one group per step, nibble unpacking in registers) reached only 0.39x, so int4 decode
+uses tinygemm (1.68x at M=1) and this kernel is the fallback.
+
+The kernels run under TRITON_INTERPRET=1 on CPU as well (that is how CI checks them when Triton is installed;
+the interpreter mishandles int -> bf16, so those checks run in float32). They are registered as torch custom ops
+(`quantkit::*`) so torch.compile treats them as opaque calls.
 """
 
 from __future__ import annotations
@@ -69,26 +78,20 @@ def unpack_int4_k(p: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
 
     # A few hand-picked configs (each is compiled per distinct K): streaming shapes for a memory-bound skinny GEMM.
-    _W8_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (32, 128, 3)]  # (BLOCK_N, BLOCK_K, stages)
+    _W8_CONFIGS = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 3, 4), (64, 256, 3, 8),
+                   (128, 128, 3, 8), (16, 512, 3, 4)]  # (BLOCK_N, BLOCK_K, stages, warps)
     _W4_CONFIGS = [(32, 4), (16, 4), (64, 3)]  # (BLOCK_N, stages); BLOCK_K is the quantization group
 
     def _configs() -> list[triton.Config]:
         if interpreting():  # one config: the interpreter is slow and timing it means nothing
             return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st) for bn, bk, st in _W8_CONFIGS]
-
-    @triton.jit
-    def _round_half_even(v):
-        # Add-and-subtract 1.5 * 2**23: the fp32 add rounds to an integer, half to even (= torch.round); valid for
-        # |v| < 2**22, and v is clamped to the int8 range first. Exact in the Triton interpreter too.
-        return (v + 12582912.0) - 12582912.0
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=wp, num_stages=st)
+                for bn, bk, st, wp in _W8_CONFIGS]
 
     @triton.autotune(configs=_configs(), key=["M", "N", "K", "A8"])
     @triton.jit
-    def _w8_kernel(x_ptr, w_ptr, ws_ptr, pqs_ptr, in_scale_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn,
-                   stride_ym,
-                   A8: tl.constexpr, HAS_PQS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+    def _w8_kernel(x_ptr, w_ptr, ws_ptr, in_scale_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_ym,
+                   A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,34 +99,48 @@ if HAVE_TRITON:
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < N
-        if A8:
-            in_scale = tl.load(in_scale_ptr)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            if HAS_PQS:
-                # x * pre_quant_scale rounded to x's dtype, as the fake-quantized model computes it
-                pqs = tl.load(pqs_ptr + kk, mask=k_ok, other=0.0)
-                x = (x.to(tl.float32) * pqs[None, :]).to(x_ptr.dtype.element_ty)
             if A8:
-                v = tl.clamp(x.to(tl.float32) / in_scale, -128.0, 127.0)
-                xq = _round_half_even(v).to(tl.int8)
-                acc += tl.dot(xq, tl.trans(w))
+                acc += tl.dot(x, tl.trans(w))  # int8 x int8 -> int32 on the tensor cores
             else:
                 # int8 -> fp32 -> x dtype: exact, and the Triton interpreter gets int -> bf16 wrong
                 acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x_ptr.dtype.element_ty)))
         ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-        if A8:  # noqa: SIM108 - a constexpr branch: in_scale exists only when A8
-            y = acc.to(tl.float32) * (ws[None, :] * in_scale)
+        if A8:  # noqa: SIM108 - a constexpr branch
+            y = acc.to(tl.float32) * (ws[None, :] * tl.load(in_scale_ptr))
         else:
             y = acc * ws[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _dequant8_kernel(w_ptr, ws_ptr, out_ptr, total, K: tl.constexpr, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < total
+        w = tl.load(w_ptr + idx, mask=ok, other=0).to(tl.float32)
+        s = tl.load(ws_ptr + idx // K, mask=ok, other=0.0)
+        tl.store(out_ptr + idx, (w * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _dequant4_kernel(w_ptr, ws_ptr, out_ptr, total_bytes, K: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # one byte -> two consecutive k of the same row (low nibble = even k)
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = j < total_bytes
+        p = tl.load(w_ptr + j, mask=ok, other=0).to(tl.int32)
+        n = j // (K // 2)
+        k = (j % (K // 2)) * 2
+        s = tl.load(ws_ptr + n * (K // GROUP) + k // GROUP, mask=ok, other=0.0)
+        lo = (((p & 0xF) ^ 8) - 8).to(tl.float32) * s
+        hi = ((((p >> 4) & 0xF) ^ 8) - 8).to(tl.float32) * s
+        base = n * K + k
+        tl.store(out_ptr + base, lo.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + base + 1, hi.to(out_ptr.dtype.element_ty), mask=ok)
 
     def _w4_configs() -> list[triton.Config]:
         if interpreting():
@@ -167,18 +184,17 @@ if HAVE_TRITON:
 
 
 def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale: torch.Tensor | None,
-               pqs: torch.Tensor | None) -> torch.Tensor:
+               out_dtype: torch.dtype) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     a8 = in_scale is not None
-    dummy = w_scale  # never read when the matching flag is off
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, MAX_M))
 
-    _w8_kernel[grid](x, w, w_scale, pqs if pqs is not None else dummy, in_scale if a8 else dummy, y, m, n, k,
-                     x.stride(0), w.stride(0), y.stride(0), A8=a8, HAS_PQS=pqs is not None, BLOCK_M=MAX_M)
+    _w8_kernel[grid](x, w, w_scale, in_scale if a8 else w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+                     A8=a8, BLOCK_M=MAX_M)
     return y
 
 
@@ -198,14 +214,17 @@ def _launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_si
 
 @torch.library.custom_op("quantkit::w8_gemm", mutates_args=())
 def w8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale: torch.Tensor | None = None,
-            pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(w)^T for int8 weights [N, K] with per-channel fp32 scales; W8A8 when in_scale is given."""
-    return _launch_w8(x.contiguous(), w, w_scale, in_scale, pre_quant_scale)
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ dequant(w)^T for int8 weights [N, K] with per-channel fp32 scales.
+
+    W8A8 when in_scale is given: x is then int8 (quantized with in_scale) and out_dtype names the result dtype.
+    """
+    return _launch_w8(x.contiguous(), w, w_scale, in_scale, out_dtype or x.dtype)
 
 
 @w8_gemm.register_fake
-def _(x, w, w_scale, in_scale=None, pre_quant_scale=None):
-    return x.new_empty((x.shape[0], w.shape[0]))
+def _(x, w, w_scale, in_scale=None, out_dtype=None):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype or x.dtype)
 
 
 @torch.library.custom_op("quantkit::w4_gemm", mutates_args=())
@@ -218,3 +237,32 @@ def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size:
 @w4_gemm.register_fake
 def _(x, w, w_scale, group_size, pre_quant_scale=None):
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("quantkit::dequant_int8", mutates_args=())
+def dequant_int8(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] * fp32 per-row scale [N] -> dtype [N, K], one pass."""
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    block = 4096
+    _dequant8_kernel[(triton.cdiv(w.numel(), block),)](w, w_scale, out, w.numel(), w.shape[1], BLOCK=block)
+    return out
+
+
+@dequant_int8.register_fake
+def _(w, w_scale, dtype):
+    return w.new_empty(w.shape, dtype=dtype)
+
+
+@torch.library.custom_op("quantkit::dequant_int4", mutates_args=())
+def dequant_int4(w: torch.Tensor, w_scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """K-packed int4 [N, K/2] * fp32 group scales [N, K/group] -> dtype [N, K], one pass."""
+    n, k = w.shape[0], w.shape[1] * 2
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    block = 2048
+    _dequant4_kernel[(triton.cdiv(w.numel(), block),)](w, w_scale, out, w.numel(), k, group_size, BLOCK=block)
+    return out
+
+
+@dequant_int4.register_fake
+def _(w, w_scale, group_size, dtype):
+    return w.new_empty((w.shape[0], w.shape[1] * 2), dtype=dtype)
