@@ -21,7 +21,7 @@ for step in "$@"; do
       python3 -c "import torch, transformers, triton, modelopt; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'modelopt', modelopt.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v WARN ;;
     tests)
       PYTHONPATH=$PWD/tests:$PYTHONPATH QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_runtime.py -q -s -rs \
-        -k "not interpreter" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
+        -k "${TESTS_K:-not interpreter}" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel err|passed|failed|Error|error|assert|SKIP" | head -80 ;;
     kernels)
       timeout "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 \

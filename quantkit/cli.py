@@ -1,4 +1,5 @@
-"""Command line: `quantkit run|validate|compare|methods` plus the stage commands (check, build, package, bench)."""
+"""Command line: `quantkit run|validate|compare|methods` plus the stage commands (check, build, package, bench)
+and `sweep` / `choose` (quantkit.sweep)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 
 # Modules that add their own sub-commands through `register_cli(subparsers)`.
-STAGE_COMMANDS = ("quantkit.check", "quantkit.build", "quantkit.package", "quantkit.bench")
+STAGE_COMMANDS = ("quantkit.check", "quantkit.build", "quantkit.package", "quantkit.bench", "quantkit.sweep")
 
 
 @contextlib.contextmanager
@@ -56,9 +57,32 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from quantkit.choose import parse_budget
     from quantkit.report import compare_runs
+    from quantkit.sweep import STATE, unusable_points
 
-    table = compare_runs([Path(r) for r in args.runs], Path(args.baseline) if args.baseline else None)
+    runs = [Path(r) for r in args.runs]
+    baseline = Path(args.baseline) if args.baseline else None
+    limits = parse_budget(args.max_loss)
+    unusable: dict[str, str] = {}
+    for r in runs:  # failed / invalid points of a sweep folder, so the budget's report names them too
+        unusable.update(unusable_points(r / STATE))
+    if args.out and not args.out.endswith(".md"):
+        # A folder: markdown, CSV, self-contained HTML and PNG plots (and the budget's choice).
+        from quantkit.report import parse_metric, write_compare
+
+        out = write_compare(runs, Path(args.out), baseline, metrics=[parse_metric(m) for m in args.metric] or None,
+                            limits=limits or None, by=args.by, unusable=unusable)
+        print(out["markdown"])
+        print("wrote " + ", ".join(str(f) for f in out["files"]), file=sys.stderr)
+        return 0
+    table = compare_runs(runs, baseline)
+    if limits:
+        from quantkit.choose import choose
+        from quantkit.report import load_runs
+
+        loaded, base = load_runs(runs, baseline)
+        table += "\n\n" + choose(loaded, base, limits, args.by, unusable=unusable).render()
     print(table)
     if args.out:
         from quantkit.runfolder import atomic_write_text
@@ -83,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a recipe end to end into its run folder")
     p.add_argument("recipe")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. quantize.block_size=64")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. quantize.block_size=64")
     p.add_argument("--force", action="store_true", help="delete the run folder first and redo every stage")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output-dir", default=None, help="parent folder for the run folder (default: recipe's output_dir)")
@@ -95,10 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the fully resolved recipe")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("compare", help="accuracy table across run folders")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--baseline", default=None, help="run folder to compute deltas against (default: the method-none run)")
-    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p = sub.add_parser("compare", help="accuracy table across run folders (and plots, HTML, CSV with --out DIR)")
+    p.add_argument("runs", nargs="+", help="run folders, or a sweep folder")
+    p.add_argument("--baseline", default=None,
+                   help="run folder to compute deltas against (default: the method-none run)")
+    p.add_argument("--out", default=None,
+                   help="a folder: table.md, table.csv, index.html (self-contained) and PNG plots; "
+                   "a .md file: the markdown table only")
+    p.add_argument("--metric", action="append", default=[], metavar="TASK.METRIC",
+                   help="with --out DIR: metric to plot against size/speed (repeatable; default "
+                   "wiki_ppl.word_perplexity)")
+    p.add_argument("--max-loss", action="append", default=[], metavar="TASK.METRIC=X[%|pt]",
+                   help="accuracy budget: the choice is reported and drawn in the plots (see `quantkit choose`)")
+    p.add_argument("--by", choices=["size", "speed"], default="size", help="what the budget's choice optimizes")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("methods", help="list quantization methods")

@@ -44,6 +44,20 @@ def _quiet():
     return stack
 
 
+def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
+    """Make the in-memory model compute what the checkpoints will hold, before exporting and evaluating.
+
+    Layers that read the same input (q/k/v, gate/up) must share one pre-quant scale and input scale in a
+    deployed engine. Both ModelOpt exporters re-balance them (`requantize_resmooth_fused_llm_layers`), the HF
+    one on its own copy: doing it once here, in place, means the evaluated model is the shipped model.
+    """
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    with _quiet(), torch.no_grad():
+        requantize_resmooth_fused_llm_layers(model)
+    return model
+
+
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
                   pp_size: int = 1) -> Path:
     """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""

@@ -6,10 +6,13 @@ never leaves a run folder behind. Stages whose fingerprint is unchanged are skip
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +27,71 @@ log = logging.getLogger("quantkit")
 STAGES = ("quantize", "export", "check", "evaluate", "build", "report")
 
 
-def preflight(recipe: Recipe) -> CalibrationSet | None:
+@dataclass
+class RunCache:
+    """What consecutive runs of one model can share (a sweep): tokenizers, calibration texts and token
+    batches, and a CPU copy of the unquantized model when it is small.
+
+    Quantization changes a model in place, so every run gets its own deep copy of the cached weights.
+    """
+
+    max_model_bytes: int = 2 * 2**30  # above this, reloading from disk beats holding a second copy in RAM
+    tokenizers: dict[tuple, Any] = field(default_factory=dict)
+    texts: dict[tuple, list[str]] = field(default_factory=dict)
+    calibration_sets: dict[tuple, CalibrationSet] = field(default_factory=dict)
+    models: dict[tuple, Any] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)  # what was reused, for logs and tests
+
+    def _hit(self, what: str) -> None:
+        self.hits[what] = self.hits.get(what, 0) + 1
+
+    def tokenizer(self, model_path: str, trust_remote_code: bool = False):
+        key = (model_path, trust_remote_code)
+        if key in self.tokenizers:
+            self._hit("tokenizer")
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token  # as models.load_model does
+            self.tokenizers[key] = tok
+        return self.tokenizers[key]
+
+    def calibration(self, recipe: Recipe, model_path: str) -> CalibrationSet:
+        c = recipe.calibration
+        key = (model_path, c.dataset, c.text_field, c.n_samples, c.seq_len, c.batch_size, c.seed)
+        if key in self.calibration_sets:
+            self._hit("calibration")
+            return self.calibration_sets[key]
+        text_key = (c.dataset, c.text_field)
+        if text_key not in self.texts:
+            self.texts[text_key] = load_texts(c.dataset, c.text_field)
+        tokenizer = self.tokenizer(model_path, recipe.model.trust_remote_code)
+        calib = build_calibration_set(self.texts[text_key], tokenizer, c.n_samples, c.seq_len, c.batch_size,
+                                      c.seed, c.dataset)
+        self.calibration_sets[key] = calib
+        return calib
+
+    def load_model(self, source: str, dtype: str, device: str):
+        """(fresh unquantized model on `device`, shared tokenizer)."""
+        from quantkit.models import load_model, resolve_model_path
+
+        path = resolve_model_path(source)
+        key = (path, dtype)
+        tokenizer = self.tokenizer(path)
+        if key in self.models:
+            self._hit("model")
+            return copy.deepcopy(self.models[key]).to(device), tokenizer
+        model, _ = load_model(source, dtype, "cpu")
+        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        if nbytes <= self.max_model_bytes:
+            self.models[key] = model
+            model = copy.deepcopy(model)
+        return model.to(device), tokenizer
+
+
+def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet | None:
     """Everything that can fail on bad input, done before the run folder is touched."""
     from transformers import AutoConfig
 
@@ -54,6 +121,8 @@ def preflight(recipe: Recipe) -> CalibrationSet | None:
         check_shapes(skeleton, recipe.quantize)
     if not get_method(recipe.quantize.method).uses_calibration_data:
         return None
+    if cache is not None:
+        return cache.calibration(recipe, model_path)
     from transformers import AutoTokenizer
 
     c = recipe.calibration
@@ -66,16 +135,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None) -> Path:
+def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None,
+               cache: RunCache | None = None) -> Path:
+    """Run every stage that is not current. `cache` shares tokenizer, calibration data and weights between runs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
-    calib = preflight(recipe)
+    calib = preflight(recipe, cache)
     run_dir = recipe.run_dir()
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
-        return _run(recipe, run_dir, calib, device, t_start)
+        return _run(recipe, run_dir, calib, device, t_start, cache)
     except BaseException:
         folder = RunFolder.open(run_dir) if run_dir.exists() else None
         if created and folder is not None and not folder.entries:
@@ -83,7 +154,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
         raise
 
 
-def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: str, t_start: float) -> Path:
+def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: str, t_start: float,
+         cache: RunCache | None = None) -> Path:
     from quantkit import export as export_stage
     from quantkit.models import load_model
     from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
@@ -96,8 +168,8 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     m, q, c, e = recipe.model, recipe.quantize, recipe.calibration, recipe.export
     fp_quant = fingerprint(m.model_dump(), q.model_dump(), c.model_dump() if method.uses_calibration_data else None)
     fp_export = fingerprint(fp_quant, e.model_dump())
-    # The TensorRT-LLM export re-shares q/k/v scales in place: evaluate the model as it is shipped.
-    fp_eval = fingerprint(fp_quant, recipe.evaluate.model_dump(), e.trtllm is not None)
+    # Export preparation re-shares scales of fused layers in place: evaluate the model as it is shipped.
+    fp_eval = fingerprint(fp_quant, recipe.evaluate.model_dump(), e.trtllm is not None, "deploy-v2")
     fp_build = fingerprint(fp_export, recipe.build.model_dump())
 
     eval_pending = bool(recipe.evaluate.tasks) and not folder.done("evaluate", fp_eval)
@@ -105,7 +177,10 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     model = tokenizer = None
     if needs_model:
         log.info("loading %s (%s) on %s", m.source, m.dtype, device)
-        model, tokenizer = load_model(m.source, m.dtype, device)
+        if cache is not None:
+            model, tokenizer = cache.load_model(m.source, m.dtype, device)
+        else:
+            model, tokenizer = load_model(m.source, m.dtype, device)
         state_path = run_dir / "quantize" / "modelopt_state.pth"
         if method.preset is not None and folder.done("quantize", fp_quant) and state_path.is_file():
             import modelopt.torch.opt as mto
@@ -129,6 +204,8 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                 if method.preset is not None:
                     _save_modelopt_state(model, state_path)
         exports = run_dir / "export"
+        if method.preset is not None:
+            export_stage.prepare_for_deployment(model)  # evaluate what the checkpoints hold
         if not folder.done("export", fp_export):
             with folder.stage("export", fp_export, log) as info:
                 if e.trtllm is not None:
@@ -205,8 +282,8 @@ def _check_stage(folder: RunFolder, run_dir: Path, fp_export: str) -> None:
         if violations:
             for v in violations:
                 log.error("check: %s", v)
-            raise QuantkitError(f"the exported checkpoint breaks {len(violations)} format rule(s); first: {violations[0]}",
-                                where=str(run_dir / "export"),
+            raise QuantkitError(f"the exported checkpoint breaks {len(violations)} format rule(s); "
+                                f"first: {violations[0]}", where=str(run_dir / "export"),
                                 fix="this is a quantkit/ModelOpt export bug: report it with the run folder")
 
 

@@ -11,7 +11,12 @@ reproduce):
 - INT8 SmoothQuant (`I8` weight + `input_scale`): w = w8 * weight_scale[out] (per channel, amax/127); x is first
   multiplied by `pre_quant_scale` (where the exporter did not fold it into the previous norm), then quantized
   statically per tensor: q = clamp(round_half_even(x / input_scale), -128, 127), input_scale = amax/127 (ModelOpt's
-  integer quantizer is not narrow-range). Dynamic per-token INT8 writes no `input_scale`; it is not supported here.
+  integer quantizer is not narrow-range).
+- INT8 SmoothQuant with dynamic per-token activations (format `int8_sq_pt`; quantkit labels it
+  `W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN`): as above but no `input_scale`; each token (row) is quantized with
+  scale = amax(row)/127 at run time. Only the label tells it from INT8 weight-only, which also has no input_scale.
+- FP8 per-channel / per-token (format `fp8_pt`, method fp8_pcpt): `weight_scale` [out], no `input_scale`; each
+  token is quantized with scale = amax(row)/448 at run time.
 - INT8 weight-only (`I8` weight, no `input_scale`): w = w8 * weight_scale[out].
 - INT4 AWQ / RTN (`U8` weight [out/2, in]): two *output rows* per byte, row 2j in the low nibble, row 2j+1 in the
   high nibble, signed two's complement in [-8, 7]; w = q * weight_scale[out, in/group] (amax/7, symmetric, no zero
@@ -24,15 +29,22 @@ reproduce):
 
 Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
 QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant,
-QUANTKIT_INT8_PREFILL=dequant|int_mm). Chosen from bench/kernels.py on an H200 (per decoder layer of
-Llama-3.1-8B, M=1, vs bf16 cuBLAS 131 us): fp8 _scaled_mm 165 us eager (the activation quantization is 4-5 small
-kernels; torch.compile fuses it), int4 tinygemm 78 us (1.68x; 0.85x at M=8), quantkit Triton W8A16 103 us,
-torch._int_mm 293 us at M=1 and 0.45x of bf16 at M=1024 (with its scale epilogue), dequantize-then-cuBLAS
-1.8-4.7 ms with torch ops (hence one-pass Triton dequantization).
+QUANTKIT_INT8_PREFILL=int_mm|dequant). Chosen by measurement (bench/kernels.py, H200, one decoder layer of
+Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included and run eagerly; bf16 cuBLAS
+134 us at M=1, 680 us at M=1024; bench/RESULTS.md has the table):
+- fp8: torch._scaled_mm 166 us at M=1 (0.81x; ~90 us of it is the activation quantization, 4-5 small kernels per
+  projection that torch.compile fuses in the model), 1.01x at M=1024.
+- int8_sq: torch._int_mm 304 us at M=1..16 (0.44x: unusable for decode, as DESIGN.md found) and 1492 us at M=1024
+  (0.46x); quantkit's Triton W8A8 168 us at M=1 with the eager quantization (W8A16, same kernel without it: 104
+  us, 1.29x). In the whole model (compiled, fused q/k/v): 1.33x of bf16 at batch 1. Prefill: _int_mm (1492 us)
+  beat dequantize-then-cuBLAS (1595 us).
+- int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 339 us
+  (kept only as the fallback); prefill: one-pass Triton dequantization + cuBLAS 920 us (0.74x), torch ops 5.1 ms.
 | format      | CUDA, M <= 16 (decode)                           | CUDA, M > 16 (prefill)                 | CPU     |
 |-------------|--------------------------------------------------|----------------------------------------|---------|
-| fp8         | torch._scaled_mm (sm89+; M padded to 16)         | torch._scaled_mm                       | dequant |
-| int8_sq     | quantkit Triton W8A8 (int8 tensor cores)         | triton_dequant + cuBLAS (or _int_mm)   | dequant |
+| fp8, fp8_pt | torch._scaled_mm (sm89+; M padded to 16; row-wise | torch._scaled_mm                       | dequant |
+|             | scales for per-token / per-channel / fused)      |                                        |         |
+| int8_sq(_pt)| quantkit Triton W8A8 (int8 tensor cores)         | torch._int_mm (cuBLASLt)               | dequant |
 | int8_wo     | quantkit Triton W8A16                            | triton_dequant + cuBLAS                | dequant |
 | int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
 | w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
@@ -41,6 +53,7 @@ ops (the model's memory stays quantized) and multiplied with F.linear in the mod
 fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic with the weight dequantized in one
 Triton pass (quantkit::dequant_int8/int4). Every Triton kernel and tinygemm is self-checked once per device
 against the torch reference before a plan uses it; a kernel that fails falls back to the next choice.
+`fuse_projections` (used by the bench) runs q/k/v and gate/up as one GEMM each.
 """
 
 from __future__ import annotations
@@ -75,8 +88,16 @@ def fake_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Static per-tensor INT8: clamp(round_half_even(x / scale), -128, 127) (ModelOpt: not narrow range)."""
+    """INT8 with a given scale (per tensor, or [M, 1] per token): clamp(round_half_even(x / scale), -128, 127)
+    (ModelOpt's integer quantizer is not narrow-range)."""
     return torch.round(x.float() / scale).clamp_(-128, 127).to(torch.int8)
+
+
+def per_token_scale(x: torch.Tensor, maxbound: float) -> torch.Tensor:
+    """Dynamic per-token scale [M, 1] = amax over the row / maxbound, as ModelOpt's dynamic quantizer computes it
+    (an all-zero row gets scale 1: it quantizes to zeros either way)."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    return torch.where(amax > 2.0**-24, amax, torch.ones_like(amax)) / maxbound
 
 
 def unpack_modelopt_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -159,10 +180,14 @@ def kernel_ok(name: str, device: torch.device) -> bool:
     pqs = torch.rand(k, generator=g) + 0.5
     d = {t: v.to(device) for t, v in dict(w8=w8, q4=triton_gemm.pack_int4_k(q4), ws=ws, gs=gs, s=s).items()}
     try:
-        if name == "triton_w8a8":
+        if name == "triton_w8a8":  # static scale, then per-token scales
             xq = quantize_int8(x, s)
             got = triton_gemm.w8_gemm(xq.to(device), d["w8"], d["ws"], d["s"], dt)
             ref = (xq.float() @ w8.float().t()) * s * ws
+            st = per_token_scale(x, 127.0)
+            xt = quantize_int8(x, st)
+            got = torch.cat([got, triton_gemm.w8_gemm(xt.to(device), d["w8"], d["ws"], st.reshape(-1).to(device), dt)])
+            ref = torch.cat([ref, (xt.float() @ w8.float().t()) * st * ws])
         elif name == "triton_w8a16":
             got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
             ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
@@ -239,7 +264,8 @@ class QuantLinear(nn.Module):
         w = tensors["weight"].to(dev)  # unpack / repack on the target device (fast on a GPU)
         self.group_size = 0
         self.tinygemm_inner_k_tiles = 0
-        self.rowwise = fmt == "fp8" and self.weight_scale.numel() > 1  # fused fp8 parts: one scale per row
+        # fp8 with one weight scale per output row: per-channel checkpoints, and fused parts of per-tensor ones
+        self.rowwise = fmt in ("fp8", "fp8_pt") and self.weight_scale.numel() > 1
         if fmt in ("int4", "w4a8"):
             q = triton_gemm.unpack_int4_k(w) if k_packed else unpack_modelopt_int4(w)
             self.group_size = in_features // self.weight_scale.shape[1]
@@ -259,18 +285,18 @@ class QuantLinear(nn.Module):
     def _plan(self, dev: torch.device) -> dict[str, str]:
         cuda = dev.type == "cuda"
         env = os.environ.get
-        if self.fmt == "fp8":
-            ok = cuda and _cuda_capability(dev) >= (8, 9) and (not self.rowwise or fp8_rowwise_ok(dev))
+        if self.fmt in ("fp8", "fp8_pt"):
+            rowwise = self.rowwise or self.fmt == "fp8_pt"  # per-token activations need row-wise scaling too
+            ok = cuda and _cuda_capability(dev) >= (8, 9) and (not rowwise or fp8_rowwise_ok(dev))
             k = "torch._scaled_mm" if ok else "dequant"
             return {"decode": k, "prefill": k}
         w8 = "triton_dequant" if kernel_ok("triton_dequant8", dev) else "dequant"
-        if self.fmt == "int8_sq":
+        if self.fmt in ("int8_sq", "int8_sq_pt"):
             choice = env("QUANTKIT_INT8_DECODE", "triton")
             decode = {"triton": "triton_w8a8" if kernel_ok("triton_w8a8", dev) else "dequant",
                       "int_mm": "torch._int_mm", "dequant": "dequant"}[choice]
-            prefill = w8 if env("QUANTKIT_INT8_PREFILL", "dequant") == "dequant" or not cuda else "torch._int_mm"
-            if cuda and prefill == "dequant":
-                prefill = "torch._int_mm"  # without the fast dequantization, cuBLASLt int8 is the better bet
+            # measured at M=1024 (H200): _int_mm 1492 us/layer, dequantize + cuBLAS 1595 us (see the docstring)
+            prefill = w8 if not cuda or env("QUANTKIT_INT8_PREFILL", "int_mm") == "dequant" else "torch._int_mm"
             return {"decode": decode, "prefill": prefill}
         if self.fmt == "int8_wo":
             ok = env("QUANTKIT_INT8_DECODE", "triton") == "triton" and kernel_ok("triton_w8a16", dev)
@@ -294,13 +320,13 @@ class QuantLinear(nn.Module):
         """The effective weight [out, in] in the model dtype, exactly as the fake-quantized model sees it.
 
         fast: dequantize in one Triton pass (same arithmetic: w * scale in fp32, rounded once)."""
-        if fast and self.fmt in ("int8_sq", "int8_wo"):
+        if fast and self.fmt in ("int8_sq", "int8_sq_pt", "int8_wo"):
             return triton_gemm.dequant_int8(self.weight, self.weight_scale, self.compute_dtype)
         if fast and self.fmt == "int4":
             return triton_gemm.dequant_int4(self.weight, self.weight_scale, self.group_size, self.compute_dtype)
-        if self.fmt == "fp8":
+        if self.fmt in ("fp8", "fp8_pt"):
             w = self.weight.float() * (self.weight_scale[:, None] if self.rowwise else self.weight_scale)
-        elif self.fmt in ("int8_sq", "int8_wo"):
+        elif self.fmt in ("int8_sq", "int8_sq_pt", "int8_wo"):
             w = self.weight.float() * self.weight_scale[:, None]
         else:
             q = triton_gemm.unpack_int4_k(self.weight)
@@ -309,13 +335,18 @@ class QuantLinear(nn.Module):
                 w = fake_fp8(w, self.weight_scale_2)
         return w.to(self.compute_dtype)
 
+    def _act_scale(self, x: torch.Tensor, maxbound: float) -> torch.Tensor:
+        """The activation scale: the checkpoint's static one, or per token ([M, 1]) when it has none."""
+        return self.input_scale if self.input_scale is not None else per_token_scale(x, maxbound)
+
     def _dequant_forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self.fmt in ("fp8", "w4a8"):
-            x = fake_fp8(x, self.input_scale)
-        elif self.fmt == "int8_sq":
-            x = (quantize_int8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
+        if self.fmt in ("fp8", "fp8_pt", "w4a8"):
+            x = fake_fp8(x, self._act_scale(x, FP8_MAX))
+        elif self.fmt in ("int8_sq", "int8_sq_pt"):
+            scale = self._act_scale(x, 127.0)
+            x = (quantize_int8(x, scale).float() * scale).to(x.dtype)
         return F.linear(x, self.dequantize_weight(fast))
 
     # -- the kernels
@@ -324,28 +355,32 @@ class QuantLinear(nn.Module):
         pad = (-m) % 16  # cuBLASLt FP8 wants M % 16 == 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        if self.rowwise:  # per-output-channel weight scales (fused q/k/v): cuBLASLt row-wise scaling
-            sa = self.input_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sa, scale_b=self.weight_scale.reshape(1, -1),
-                                 out_dtype=x.dtype, use_fast_accum=True)
+        scale = self._act_scale(x, FP8_MAX)
+        xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if self.rowwise or scale.numel() > 1:  # per-row weight or per-token scales: cuBLASLt row-wise scaling
+            sa = scale.reshape(-1, 1).expand(x.shape[0], 1).contiguous()
+            sb = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sa, scale_b=sb, out_dtype=x.dtype, use_fast_accum=True)
         else:
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                                 out_dtype=x.dtype, use_fast_accum=True)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype,
+                                 use_fast_accum=True)
         return y[:m] if pad else y
 
-    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 activations and their scale (scalar, or [M, 1] per token)."""
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        return quantize_int8(x, self.input_scale)
+        scale = self._act_scale(x, 127.0)
+        return quantize_int8(x, scale), scale
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         pad = 32 - m if m <= 16 else 0  # _int_mm needs M > 16 (only reached at decode via QUANTKIT_INT8_DECODE)
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        acc = torch._int_mm(self._quantized_input(x), self.weight.t())
-        y = (acc.float() * (self.input_scale * self.weight_scale)).to(x.dtype)
+        xq, scale = self._quantized_input(x)
+        acc = torch._int_mm(xq, self.weight.t())
+        y = (acc.float() * (scale * self.weight_scale)).to(x.dtype)
         return y[:m] if pad else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -357,8 +392,8 @@ class QuantLinear(nn.Module):
         if kernel == "torch._int_mm":
             return self._int_mm(x)
         if kernel == "triton_w8a8":
-            return triton_gemm.w8_gemm(self._quantized_input(x), self.weight, self.weight_scale, self.input_scale,
-                                       x.dtype)
+            xq, scale = self._quantized_input(x)
+            return triton_gemm.w8_gemm(xq, self.weight, self.weight_scale, scale.reshape(-1), x.dtype)
         if kernel == "triton_w8a16":
             return triton_gemm.w8_gemm(x, self.weight, self.weight_scale)
         if kernel == "triton_w4a16":
@@ -408,7 +443,7 @@ def _can_fuse(mods: list[nn.Module]) -> bool:
             and len({m.bias is None for m in mods}) == 1):
         return False
     dev = m0.weight.device
-    if m0.fmt == "fp8" and not _same([m.weight_scale for m in mods]) and dev.type == "cuda":
+    if m0.fmt in ("fp8", "fp8_pt") and dev.type == "cuda" and not _same([m.weight_scale for m in mods]):
         return fp8_rowwise_ok(dev)
     return True
 
@@ -424,10 +459,11 @@ def _concat(mods: list[nn.Module]) -> nn.Module:
             if bias is not None:
                 lin.bias.copy_(bias)
         return lin
-    if m0.fmt == "fp8" and not _same([m.weight_scale for m in mods]):
-        ws = torch.cat([m.weight_scale.reshape(1).expand(m.out_features) for m in mods])  # per-row from now on
-    elif m0.fmt == "fp8":
+    if m0.fmt in ("fp8", "fp8_pt") and all(m.weight_scale.numel() == 1 for m in mods) and _same(
+            [m.weight_scale for m in mods]):
         ws = m0.weight_scale
+    elif m0.fmt in ("fp8", "fp8_pt"):  # per-row from now on
+        ws = torch.cat([m.weight_scale.reshape(-1).expand(m.out_features) for m in mods])
     else:
         ws = torch.cat([m.weight_scale for m in mods])
     tensors = {"weight": torch.cat([m.weight for m in mods]), "weight_scale": ws, "input_scale": m0.input_scale,
@@ -592,15 +628,28 @@ def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _layer_format(t: dict[str, torch.Tensor]) -> str | None:
+PER_TOKEN_SQ_ALGOS = {"W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
+
+
+def _layer_algo(name: str, qcfg: dict[str, Any]) -> str | None:
+    """The quant_algo that applies to layer `name` (MIXED_PRECISION checkpoints list it per layer)."""
+    layers = qcfg.get("quantized_layers") or {}
+    return (layers.get(name) or {}).get("quant_algo") or qcfg.get("quant_algo")
+
+
+def _layer_format(t: dict[str, torch.Tensor], algo: str | None = None) -> str | None:
     """Which quantized format a linear's tensors are in (decided per layer, so mixed checkpoints work)."""
     w = t.get("weight")
     if w is None or w.dtype not in _QUANT_WEIGHT_DTYPES:
         return None
     if w.dtype == torch.float8_e4m3fn:
-        return "fp8"
+        return "fp8" if "input_scale" in t else "fp8_pt"  # no static activation scale: dynamic per token
     if w.dtype == torch.int8:
-        return "int8_sq" if "input_scale" in t else "int8_wo"
+        if "input_scale" in t:
+            return "int8_sq"
+        # SmoothQuant with dynamic per-token activations also has no input_scale: only the label tells it from
+        # weight-only INT8 (running it as weight-only would silently skip the activation quantization)
+        return "int8_sq_pt" if algo in PER_TOKEN_SQ_ALGOS else "int8_wo"
     return "w4a8" if "weight_scale_2" in t else "int4"
 
 
@@ -629,7 +678,7 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu", dtype
     for name, lin in linears.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".") and "." not in
                k[len(name) + 1:]}
-        fmt = _layer_format(own)
+        fmt = _layer_format(own, _layer_algo(name, qcfg))
         if fmt is not None:
             quantized[name] = (fmt, lin)
             model.set_submodule(name, nn.Identity())  # so to_empty allocates no 16-bit weight for it

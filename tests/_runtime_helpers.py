@@ -22,7 +22,9 @@ ROOT = Path(tempfile.mkdtemp(prefix="quantkit-test-runtime-"))
 atexit.register(shutil.rmtree, ROOT, True)
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "int8_sq": {"method": "int8_sq"},
+    "int8_sq": {"method": "int8_sq", "activations": "per_tensor"},  # static activation scale (input_scale)
+    "int8_sq_pt": {"method": "int8_sq", "activations": "per_token"},  # dynamic per-token activations
+    "fp8_pcpt": {"method": "fp8_pcpt"},  # per-channel weights, dynamic per-token activations
     "int4_awq": {"method": "int4_awq", "block_size": 64},
     "int4_rtn": {"method": "int4_rtn", "block_size": 64},
     "fp8": {"method": "fp8"},
@@ -76,9 +78,8 @@ class RoundTrip:
 
         as_shipped: apply the HF exporter's own pre-export rewrite (q/k/v and gate/up share one pre-quant scale and
         input amax; AWQ scales folded into the norms) to a copy first, i.e. the fake model the HF checkpoint encodes.
-        quantkit's pipeline currently runs only the TensorRT-LLM exporter's in-place rewrite (q/k/v) on the model
-        it evaluates, so without it int8_sq / int4_awq / w4a8_awq differ from the checkpoint (see test_runtime.py).
-        Applying the rewrite again is a no-op, so this stays right once export.py applies it to the live model.
+        quantkit's pipeline applies the same rewrite to the live model (export.prepare_for_deployment), so applying
+        it again is a no-op and both references agree.
         """
         import copy
 
@@ -101,7 +102,7 @@ def roundtrip(variant: str) -> RoundTrip:
     if variant in _done:
         return _done[variant]
     from quantkit.calibration import CalibrationSet
-    from quantkit.export import export_hf, export_trtllm
+    from quantkit.export import export_hf, export_trtllm, prepare_for_deployment
     from quantkit.quantize import quantize_model
     from quantkit.recipe import QuantizeSection
 
@@ -115,7 +116,8 @@ def roundtrip(variant: str) -> RoundTrip:
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     model = quantize_model(model, QuantizeSection(**VARIANTS[variant]), CalibrationSet(ids, 4, "test"))
     out = ROOT / variant
-    export_trtllm(model, out / "trtllm", dtype="float16")  # as the pipeline does: it rewrites q/k/v in place first
+    prepare_for_deployment(model)  # as the pipeline does: fused layers share their scales, in place
+    export_trtllm(model, out / "trtllm", dtype="float16")
     # float32 export: ModelOpt's FP8 packer divides in the export dtype, so a bf16 export rounds twice (bf16, then
     # e4m3) and ships ~3% of FP8 codes one step off the fake-quantized model's; float32 keeps the codes exact.
     export_hf(model, out / "hf", dtype="float32")

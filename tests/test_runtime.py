@@ -11,7 +11,8 @@ Bounds (relative L2 error ||got - ref|| / ||ref|| against the fake-quantized mod
   of the value with 3 mantissa bits), and the flips compound over the layers: the same comparison on CPU through
   the dequantize path in bf16 gave int8_sq 2.1%, fp8 3.8%, fp8 KV 4.9%, w4a8 4.1%, weight-only 0.7-0.8%.
   Hence 2e-2 (weight-only), 4e-2 (int8_sq), 8e-2 (fp8 / w4a8) for the logits; per layer, with identical inputs,
-  everything must agree within 3e-2 (kernel correctness without the compounding).
+  3e-2 (5e-2 where activations go through fp8): kernel correctness without the compounding. H200 run:
+  bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,17 +38,24 @@ from _runtime_helpers import (
 from quantkit.runtime import QuantLinear, load_quantized, unpack_modelopt_int4, weight_bytes
 
 ON_CUDA = device_under_test().type == "cuda"
-_CUDA_BOUND = {"int4_awq": 2e-2, "int4_rtn": 2e-2, "int8_wo": 2e-2, "int8_sq": 4e-2, "fp8": 8e-2, "fp8_kv": 8e-2,
-               "w4a8_awq": 8e-2}
-LAYER_BOUND = 3e-2 if ON_CUDA else 1e-4
+_CUDA_BOUND = {"int4_awq": 2e-2, "int4_rtn": 2e-2, "int8_wo": 2e-2, "int8_sq": 4e-2, "int8_sq_pt": 4e-2,
+               "fp8": 8e-2, "fp8_kv": 8e-2, "fp8_pcpt": 8e-2, "w4a8_awq": 8e-2}
 
 
 def bound(variant: str) -> float:
     return _CUDA_BOUND[variant] if ON_CUDA else 1e-4
 
 
-EXPECTED_FORMAT = {"int8_sq": "int8_sq", "int4_awq": "int4", "int4_rtn": "int4", "fp8": "fp8", "fp8_kv": "fp8",
-                   "w4a8_awq": "w4a8", "int8_wo": "int8_wo"}
+def layer_bound(variant: str) -> float:
+    # one layer, identical inputs; on CUDA the bf16 rounding of the input alone flips some fp8 codes (H200: up to
+    # 3.0% for fp8 / fp8_kv, 2.2% w4a8, 1.7% int8_sq, <= 0.6% weight-only)
+    if not ON_CUDA:
+        return 1e-4
+    return 5e-2 if variant.startswith(("fp8", "w4a8")) else 3e-2
+
+
+EXPECTED_FORMAT = {"int8_sq": "int8_sq", "int8_sq_pt": "int8_sq_pt", "fp8_pcpt": "fp8_pt", "int4_awq": "int4",
+                   "int4_rtn": "int4", "fp8": "fp8", "fp8_kv": "fp8", "w4a8_awq": "w4a8", "int8_wo": "int8_wo"}
 
 if ON_CUDA and not torch.cuda.is_available():
     pytest.skip("QUANTKIT_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
@@ -97,8 +105,8 @@ def test_each_layer_matches_its_fake_quantized_layer(variant: str) -> None:
                 got = mods[name](xi.to(load_dtype()))
             err = rel_err(got, yi)
             worst = max(worst, err)
-            assert err < LAYER_BOUND, (name, tuple(xi.shape), err)
-    print(f"{variant}: worst layer rel err {worst:.3g} (bound {LAYER_BOUND:g})")
+            assert err < layer_bound(variant), (name, tuple(xi.shape), err)
+    print(f"{variant}: worst layer rel err {worst:.3g} (bound {layer_bound(variant):g})")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -110,7 +118,7 @@ def test_every_quantized_linear_is_replaced_and_recorded(variant: str) -> None:
     assert len(quant) == 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays unquantized
     assert not isinstance(model.lm_head, QuantLinear)
     assert {v["format"] for v in model.quantkit_kernels.values()} == {EXPECTED_FORMAT[variant]}
-    if ON_CUDA and variant in ("fp8", "int8_sq", "int4_awq", "int8_wo"):
+    if ON_CUDA and variant not in ("w4a8_awq",):
         kernels = next(iter(model.quantkit_kernels.values()))
         assert "dequant" not in kernels["decode"], kernels
     if variant == "fp8_kv":
@@ -130,7 +138,7 @@ def test_quantized_weights_stay_small() -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("variant", ["int8_sq", "int4_awq", "fp8_kv", "int8_wo"])
+@pytest.mark.parametrize("variant", ["int8_sq", "int8_sq_pt", "int4_awq", "fp8_kv", "fp8_pcpt", "int8_wo"])
 def test_decode_step_matches_full_forward(variant: str, batch: int) -> None:
     """Prefill (M > 16) then one cached decode step (M = batch): on CUDA these take different kernels."""
     from transformers import StaticCache
@@ -199,6 +207,26 @@ def test_negative_control_perturbed_checkpoint_fails_the_bound(case: str) -> Non
 # ---------------------------------------------------------------- layout facts the loader relies on
 
 
+def test_per_token_smoothquant_is_told_apart_from_weight_only_by_its_label() -> None:
+    """Per-token INT8 SmoothQuant stores no input_scale, like INT8 weight-only: the quant_algo label decides."""
+    import json
+
+    rt = roundtrip("int8_sq_pt")
+    cfg = json.loads((rt.hf_dir / "hf_quant_config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)
+    assert {v["format"] for v in model.quantkit_kernels.values()} == {"int8_sq_pt"}
+    relabelled = perturbed_copy(rt.hf_dir, "relabelled", lambda k, v: v)
+    cfg["quantization"]["quant_algo"] = "W8A16"
+    (relabelled / "hf_quant_config.json").write_text(json.dumps(cfg))
+    model, _ = load_quantized(relabelled, "cpu", torch.float32)
+    assert {v["format"] for v in model.quantkit_kernels.values()} == {"int8_wo"}
+    ids = eval_ids()
+    err = rel_err(_runtime_logits(relabelled, ids), rt.reference_logits(ids))
+    if not ON_CUDA:  # without its activation quantization it is not the model that was quantized
+        assert err > 3 * bound("int8_sq_pt")
+
+
 def test_modelopt_int4_layout_is_what_the_loader_assumes() -> None:
     """Row 2j in the low nibble, row 2j+1 in the high nibble, two's complement, scale = amax / 7."""
     from safetensors.torch import load_file
@@ -217,17 +245,10 @@ def test_modelopt_int4_layout_is_what_the_loader_assumes() -> None:
     assert (q.float() == expect).float().mean() > 0.999  # ties may round either way
 
 
-# ---------------------------------------------------------------- a known gap in export (tripwire)
-
-_GAP = pytest.mark.xfail(strict=True, reason=(
-    "quantkit.export: the HF exporter resmooths gate/up (shared pre_quant_scale + input amax; AWQ: scales folded "
-    "into the norms) on its deep copy, but the pipeline evaluates the model after only the TensorRT-LLM exporter's "
-    "in-place q/k/v rewrite, so the shipped HF checkpoint is not the evaluated model. Fix: apply "
-    "requantize_resmooth_fused_llm_layers to the live model before exporting; then remove this marker."))
+# ---------------------------------------------------------------- the evaluated model is the shipped model
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=_GAP) if v in ("int8_sq", "int4_awq", "w4a8_awq") else v
-                                     for v in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_checkpoint_reproduces_the_model_the_pipeline_evaluates(variant: str) -> None:
     if ON_CUDA:
         pytest.skip("an export-side check; its bound is the tight float32 one, so it runs on CPU")
@@ -265,7 +286,7 @@ ref = q.float() * sc.repeat_interleave(G, 1)
 out["dequant4"] = rel_err(tg.dequant_int4(tg.pack_int4_k(q), sc, G, torch.float32), ref)
 out["self_checks"] = {k: kernel_ok(k, "cpu") for k in
                       ("triton_w8a8", "triton_w8a16", "triton_w4a16", "triton_dequant8", "triton_dequant4")}
-for variant in ("int8_sq", "int4_awq", "int8_wo"):
+for variant in ("int8_sq", "int8_sq_pt", "int4_awq", "int8_wo"):
     rt = roundtrip(variant)
     model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)
     kern = next(iter(model.quantkit_kernels.values()))
@@ -294,9 +315,10 @@ def test_triton_kernels_in_interpreter() -> None:
         assert res[k] < 1e-5, (k, res[k])
     assert all(res["self_checks"].values()), res["self_checks"]
     assert res["int8_sq"][1] == {"format": "int8_sq", "decode": "triton_w8a8", "prefill": "triton_dequant"}
+    assert res["int8_sq_pt"][1] == {"format": "int8_sq_pt", "decode": "triton_w8a8", "prefill": "triton_dequant"}
     assert res["int4_awq"][1] == {"format": "int4", "decode": "triton_w4a16", "prefill": "triton_dequant"}
     assert res["int8_wo"][1] == {"format": "int8_wo", "decode": "triton_w8a16", "prefill": "triton_dequant"}
-    for variant in ("int8_sq", "int4_awq", "int8_wo"):
+    for variant in ("int8_sq", "int8_sq_pt", "int4_awq", "int8_wo"):
         assert res[variant][0] < 1e-4, (variant, res[variant])
 
 

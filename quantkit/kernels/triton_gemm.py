@@ -8,7 +8,8 @@ tensor cores (int8 x int8 -> int32 for W8A8; int -> bf16 in registers for weight
 Kernels (all: y[M, N] = x[M, K] @ W[N, K]^T, W row-major, one program per BLOCK_N output columns, whole K; K is a
 compile-time constant: a model has only a few distinct K, and a constant trip count lets Triton pipeline the loop):
 - `w8_gemm(x, w_int8, w_scale, in_scale=None)`
-    in_scale given (INT8 SmoothQuant): x is the already-quantized int8 activation (the caller applies the
+    in_scale given (INT8 SmoothQuant; a scalar, or [M] for per-token activations): x is the already-quantized int8
+    activation (the caller applies the
     pre-quant scale and quantizes, see runtime.quantize_int8: one cheap elementwise pass instead of redoing it in
     every program, which made the first version ALU-bound); int8 tensor-core dot with int32 accumulation, then
     scaled by in_scale * w_scale[n].
@@ -22,10 +23,12 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
     dequantized weight (w * scale in fp32, rounded once to dtype, as the fake quantizer computes it), for prefill
     (big M), where the GEMM itself then runs on cuBLAS.
 
-Measured on an H200 (bench/kernels.py, 2026-11-26, per decoder layer of Llama-3.1-8B at M=1): the first W8A8
-version, quantizing x inside every program, ran at 0.91x of bf16 while the same kernel without it (W8A16) ran at
-1.27x; the W4A16 kernel (one group per step, nibble unpacking in registers) reached only 0.39x, so int4 decode
-uses tinygemm (1.68x at M=1) and this kernel is the fallback.
+Measured on an H200 (bench/kernels.py, 2026-11-26, the 7 GEMMs of a Llama-3.1-8B decoder layer at M=1, vs bf16
+cuBLAS 134 us): the first W8A8 version, quantizing x inside every program, took 144 us while the same kernel
+without it (W8A16) took 104 us (1.29x); hence the caller quantizes x. The W4A16 kernel (one group per step,
+nibble unpacking in registers) took 339 us, so int4 decode uses tinygemm (79 us) and this kernel is the fallback.
+Not tuned further: no split-K, a handful of autotuned tile shapes; W8A16 streams ~2.1 TB/s of weights where cuBLAS
+bf16 streams ~3.3 TB/s, so there is headroom.
 
 The kernels run under TRITON_INTERPRET=1 on CPU as well (that is how CI checks them when Triton is installed;
 the interpreter mishandles int -> bf16, so those checks run in float32). They are registered as torch custom ops
@@ -91,7 +94,8 @@ if HAVE_TRITON:
     @triton.autotune(configs=_configs(), key=["M", "N", "K", "A8"])
     @triton.jit
     def _w8_kernel(x_ptr, w_ptr, ws_ptr, in_scale_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_ym,
-                   A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   A8: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,7 +115,9 @@ if HAVE_TRITON:
                 # int8 -> fp32 -> x dtype: exact, and the Triton interpreter gets int -> bf16 wrong
                 acc += tl.dot(x, tl.trans(w.to(tl.float32).to(x_ptr.dtype.element_ty)))
         ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-        if A8:  # noqa: SIM108 - a constexpr branch
+        if A8 and ROW_SCALE:  # dynamic per-token activation scales
+            y = acc.to(tl.float32) * tl.load(in_scale_ptr + rm, mask=m_ok, other=0.0)[:, None] * ws[None, :]
+        elif A8:
             y = acc.to(tl.float32) * (ws[None, :] * tl.load(in_scale_ptr))
         else:
             y = acc * ws[None, :]
@@ -194,7 +200,7 @@ def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, MAX_M))
 
     _w8_kernel[grid](x, w, w_scale, in_scale if a8 else w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                     A8=a8, BLOCK_M=MAX_M)
+                     A8=a8, ROW_SCALE=a8 and in_scale.numel() > 1, BLOCK_M=MAX_M)
     return y
 
 
@@ -217,7 +223,8 @@ def w8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale: t
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x @ dequant(w)^T for int8 weights [N, K] with per-channel fp32 scales.
 
-    W8A8 when in_scale is given: x is then int8 (quantized with in_scale) and out_dtype names the result dtype.
+    W8A8 when in_scale is given: x is then int8 (quantized with in_scale: one scale, or one per row [M] for
+    dynamic per-token activations) and out_dtype names the result dtype.
     """
     return _launch_w8(x.contiguous(), w, w_scale, in_scale, out_dtype or x.dtype)
 
