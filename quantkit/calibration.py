@@ -75,7 +75,8 @@ def _local_file(path_str: str, text_field: str) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"line {lineno} is not valid JSON ({exc.msg})", where=f"{path}:{lineno}") from None
+                raise CalibrationDataError(f"line {lineno} is not valid JSON ({exc.msg})",
+                                           where=f"{path}:{lineno}") from None
             if not isinstance(row, dict) or text_field not in row:
                 raise CalibrationDataError(f"line {lineno} has no field '{text_field}'", where=f"{path}:{lineno}",
                                            fix="set calibration.text_field to the field that holds the text")

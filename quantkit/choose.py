@@ -40,8 +40,12 @@ class Limit:
         return f"{self.task}.{self.metric}"
 
     def describe(self) -> str:
-        amount = f"{100 * self.value:g}% of the baseline" if self.relative else f"{self.value:g} (absolute)"
-        worse = "rise" if lower_is_better(self.task, self.metric) else "fall"
+        lower = lower_is_better(self.task, self.metric)
+        if self.relative:
+            amount = f"{100 * self.value:g}% of the baseline"
+        else:  # accuracies are fractions: say points
+            amount = f"{self.value:g} (absolute)" if lower else f"{100 * self.value:g} points"
+        worse = "rise" if lower else "fall"
         return f"{self.key} may {worse} by at most {amount}"
 
     def threshold(self, base: float) -> float:

@@ -36,12 +36,13 @@ METHODS: dict[str, Method] = {
         Method(
             "int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", True,
             _COMMON | {"smoothquant_alpha", "activations"},
-            # Defaults measured on SmolLM2-135M (eval/RESULTS.md): per-token activations, alpha 0.5.
-            {"smoothquant_alpha": 0.5, "activations": "per_token"}, "W8A8_SQ_PER_CHANNEL",
+            # Defaults measured on SmolLM2-135M (eval/RESULTS.md): per-token activations, per-layer alpha search.
+            {"smoothquant_alpha": "auto", "activations": "per_token"}, "W8A8_SQ_PER_CHANNEL",
         ),
         Method(
             "int4_awq", "INT4 block-wise weights, AWQ scale search, 16-bit activations", "INT4_AWQ_CFG", True,
-            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A16_AWQ",
+            # awq_clip: best wiki perplexity at block 64 on SmolLM2 and no slower than awq_lite (eval/RESULTS.md).
+            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_clip"}, "W4A16_AWQ",
         ),
         Method(
             "int4_rtn", "INT4 block-wise weights, plain rounding (max calibration, no data): the floor for AWQ",

@@ -283,7 +283,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     data, lines = _read_yaml(path)
     if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a YAML mapping with sections metadata, model, quantize, ...", where=str(path))
+        raise RecipeError("a recipe must be a YAML mapping with sections metadata, model, quantize, ...",
+                          where=str(path))
     data = _resolve_imports(data, path.parent, (path.resolve(),))
     overrides = overrides or []
     data = apply_overrides(data, overrides)

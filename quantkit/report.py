@@ -473,7 +473,7 @@ def _place_labels(ax, items: list[tuple[float, float, str]], fontsize: float = 8
                     if far else None)
 
 
-def _nice_ticks(lo: float, hi: float, most: int = 9) -> list[float]:
+def _nice_ticks(lo: float, hi: float, most: int = 12) -> list[float]:
     """Evenly spaced round numbers over [lo, hi] (a log axis inside one decade labels too few by itself)."""
     span = hi - lo
     for mag in range(math.floor(math.log10(span)) - 2, math.floor(math.log10(span)) + 2):
@@ -534,16 +534,16 @@ def write_compare(run_dirs: list[Path], out_dir: Path, baseline_dir: Path | None
             images.append((name, png))
     md += ["", "## Plots", ""] + [f"![{n}]({n})" for n, _ in images]
     markdown = "\n".join(md) + "\n"
-    atomic_write_text(out_dir / "table.md", markdown)
+    _atomic_write_bytes(out_dir / "table.md", markdown.encode())
     rows = compare_rows(runs, baseline)
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out_dir / "table.csv", buf.getvalue())
+    _atomic_write_bytes(out_dir / "table.csv", buf.getvalue().encode())
     html = _html(title, runs, baseline, choice, [(n, base64.b64encode(png).decode()) for n, png in images])
-    atomic_write_text(out_dir / "index.html", html)
+    _atomic_write_bytes(out_dir / "index.html", html.encode())
     files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "index.html", *files]
     return {"files": files, "choice": choice, "markdown": markdown}
 
@@ -557,6 +557,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing (web server, colleagues)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
