@@ -111,7 +111,7 @@ _ABBREV: dict[str, Any] = {
     "quantize.method": lambda v: str(v),
     "quantize.awq_algorithm": lambda v: str(v).removeprefix("awq_"),
     "quantize.block_size": lambda v: f"g{v}",
-    "quantize.smoothquant_alpha": lambda v: f"a{v}",
+    "quantize.smoothquant_alpha": lambda v: f"a{v}" if isinstance(v, (int, float)) else f"alpha_{v}",
     "quantize.activations": lambda v: str(v),
     "quantize.kv_cache": lambda v: f"kv{v}",
 }

@@ -72,6 +72,7 @@ def test_points_names_and_invalid_combinations(tmp_path, tiny_model_dir):
     assert point_name({"quantize.method": "int4_awq", "quantize.block_size": 64,
                        "quantize.awq_algorithm": "awq_clip"}) == "int4_awq-clip-g64"
     assert point_name({"calibration.n_samples": 8, "quantize.method": "fp8"}) == "fp8-n_samples_8"
+    assert point_name({"quantize.method": "int8_sq", "quantize.smoothquant_alpha": "auto"}) == "int8_sq-alpha_auto"
 
 
 def test_bad_sweep_file_is_a_recipe_error(tmp_path, tiny_model_dir):
