@@ -20,7 +20,7 @@ from quantkit.calibration import CalibrationSet, build_calibration_set, load_tex
 from quantkit.errors import QuantkitError
 from quantkit.methods import get_method, resolved_settings
 from quantkit.recipe import Recipe
-from quantkit.runfolder import RunFolder, atomic_write_json, atomic_write_text, fingerprint
+from quantkit.runfolder import RunFolder, atomic_write_json, atomic_write_text, fingerprint, remove_leftovers
 
 log = logging.getLogger("quantkit")
 
@@ -162,6 +162,10 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
 
     torch.manual_seed(recipe.calibration.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if remove_leftovers(run_dir):
+        log.info("removed temporary files of an interrupted run")
+    # results.json marks a complete run: it goes until this run has finished (the report stage rewrites it).
+    (run_dir / "results.json").unlink(missing_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     folder = RunFolder.open(run_dir)
     method = get_method(recipe.quantize.method)

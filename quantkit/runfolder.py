@@ -29,6 +29,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run folders are handed to other people
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,6 +61,20 @@ def tool_versions() -> dict[str, str]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def remove_leftovers(run_dir: Path) -> int:
+    """Delete what a killed process left half-written. Every temporary name quantkit uses in a run folder
+    starts with '.' (atomic writes, staging folders) and no finished file does, so all of them can go."""
+    import shutil
+
+    leftovers = sorted(run_dir.rglob(".*"), key=lambda p: len(p.parts), reverse=True)
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 @dataclass

@@ -98,3 +98,17 @@ def test_validate_checks_block_size_against_the_model(tmp_path, capsys, tiny_mod
 def test_shipped_recipes_pass_validate(capsys, name):
     code, err = run_cli(capsys, "validate", str(REPO / "recipes" / f"{name}.yaml"))
     assert code == 0, err
+
+
+def test_interrupted_run_leftovers_are_cleaned_and_results_mean_complete(tmp_path, capsys, tiny_model_dir):
+    path = recipe(tmp_path, str(tiny_model_dir))
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "cli-test"
+    # What SIGKILL can leave: a half-written file and a staging folder.
+    (run_dir / ".results.json.x1y2").write_text("{")
+    (run_dir / "export" / ".hf.partial-abc").mkdir()
+    (run_dir / "export" / ".hf.partial-abc" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert (run_dir / "results.json").stat().st_mode & 0o777 == 0o644
+    assert main(["run", str(path)]) == 0
+    assert not list(run_dir.rglob(".*"))
+    assert (run_dir / "results.json").is_file()
