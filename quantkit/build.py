@@ -54,7 +54,8 @@ KNOWN_OPTIONS = STORE_TRUE | {
 }
 
 # modelopt_to_tensorrt_llm.py: these run as Q/DQ in TensorRT, so no --gemm_plugin (except FP8 at batch <= 4).
-QDQ_ALGOS = {"FP8", "W8A8_SQ_PER_CHANNEL"}
+# The per-token SmoothQuant variant builds the same way: its plugin enables itself from the quant mode.
+QDQ_ALGOS = {"FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
 # modelopt_to_tensorrt_llm.py: paged context FMHA for these (and for unquantized checkpoints).
 PAGED_CONTEXT_FMHA_ALGOS = {None, "FP8", "W4A8_AWQ", "NVFP4"}
 # commands/build.py main(): use_fused_mlp is forced off for any quant_algo but these.

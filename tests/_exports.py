@@ -20,8 +20,10 @@ atexit.register(shutil.rmtree, ROOT, True)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"method": "none"},
-    "int8_sq": {"method": "int8_sq"},
-    "int4_awq": {"method": "int4_awq", "block_size": 64},
+    "int8_sq": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_tensor"},  # static act. scales
+    "int8_sq_pt": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_token"},
+    "int4_awq": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_lite"},  # writes pre-quant scales
+    "int4_awq_clip": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_clip"},  # the default: none
     "int4_rtn": {"method": "int4_rtn", "block_size": 64},
     "fp8": {"method": "fp8"},
     "fp8_kv": {"method": "fp8", "kv_cache": "fp8"},

@@ -22,10 +22,10 @@ ROOT = Path(tempfile.mkdtemp(prefix="quantkit-test-runtime-"))
 atexit.register(shutil.rmtree, ROOT, True)
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "int8_sq": {"method": "int8_sq", "activations": "per_tensor"},  # static activation scale (input_scale)
-    "int8_sq_pt": {"method": "int8_sq", "activations": "per_token"},  # dynamic per-token activations
+    "int8_sq": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_tensor"},  # static input_scale
+    "int8_sq_pt": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_token"},  # dynamic per token
     "fp8_pcpt": {"method": "fp8_pcpt"},  # per-channel weights, dynamic per-token activations
-    "int4_awq": {"method": "int4_awq", "block_size": 64},
+    "int4_awq": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_lite"},  # with pre-quant scales
     "int4_rtn": {"method": "int4_rtn", "block_size": 64},
     "fp8": {"method": "fp8"},
     "fp8_kv": {"method": "fp8", "kv_cache": "fp8"},
