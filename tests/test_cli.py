@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -112,3 +113,16 @@ def test_interrupted_run_leftovers_are_cleaned_and_results_mean_complete(tmp_pat
     assert main(["run", str(path)]) == 0
     assert not list(run_dir.rglob(".*"))
     assert (run_dir / "results.json").is_file()
+
+
+def test_alpha_auto_choices_are_recorded_in_the_run_folder(tmp_path, tiny_model_dir):
+    path = recipe(tmp_path, str(tiny_model_dir))
+    path.write_text(path.read_text().replace("quantize: {method: fp8}",
+                                             "quantize: {method: int8_sq, smoothquant_alpha: auto}"))
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "cli-test"
+    alphas = json.loads((run_dir / "quantize" / "smoothquant_alphas.json").read_text())
+    assert len(alphas) == 14 and all(0.0 < a < 1.0 for a in alphas.values())  # 2 layers x 7 linears
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["quantize"]["smoothquant_alphas"] == "quantize/smoothquant_alphas.json"
+    assert stages["quantize"]["settings"]["activations"] == "per_token"
