@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shlex
 import sys
 import time
@@ -378,10 +377,7 @@ def write_build_files(run_dir: Path, plan: dict) -> None:
     run_dir = Path(run_dir)
     plan = {**plan, "paths": _relative(plan["paths"], run_dir)}
     atomic_write_text(run_dir / "build" / "plan.json", json.dumps(plan, indent=2) + "\n")
-    atomic_write_text(run_dir / "build" / "build.sh", render_build_sh(plan))
-    # mkstemp creates 0600 files; the bundle is handed to other people.
-    os.chmod(run_dir / "build" / "plan.json", 0o644)
-    os.chmod(run_dir / "build" / "build.sh", 0o755)
+    atomic_write_text(run_dir / "build" / "build.sh", render_build_sh(plan), mode=0o755)
 
 
 # --------------------------------------------------------------------------- the real build (GPU + TensorRT-LLM)

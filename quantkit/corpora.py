@@ -16,9 +16,7 @@ import bz2
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -172,16 +170,9 @@ def _wiki_pages() -> list[dict[str, str]]:
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
-    # Temp file + rename: a crash never leaves a half-written cache file behind.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from quantkit.runfolder import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
 
 
 def wiki_articles(split: Literal["calib", "eval"]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from quantkit.runfolder import atomic_write_json, atomic_write_text, read_json
+from quantkit.runfolder import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 # The metric a table shows per task (as lm-eval names it), and whether lower is better.
 PRIMARY_METRICS: dict[str, list[tuple[str, bool]]] = {
@@ -529,41 +529,23 @@ def write_compare(run_dirs: list[Path], out_dir: Path, baseline_dir: Path | None
                 continue
             png = fig_png(fig)
             name = f"{metric[0]}.{metric[1]}_vs_{x}.png"
-            _atomic_write_bytes(out_dir / name, png)
+            atomic_write_bytes(out_dir / name, png)
             files.append(out_dir / name)
             images.append((name, png))
     md += ["", "## Plots", ""] + [f"![{n}]({n})" for n, _ in images]
     markdown = "\n".join(md) + "\n"
-    _atomic_write_bytes(out_dir / "table.md", markdown.encode())
+    atomic_write_bytes(out_dir / "table.md", markdown.encode())
     rows = compare_rows(runs, baseline)
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_bytes(out_dir / "table.csv", buf.getvalue().encode())
+    atomic_write_bytes(out_dir / "table.csv", buf.getvalue().encode())
     html = _html(title, runs, baseline, choice, [(n, base64.b64encode(png).decode()) for n, png in images])
-    _atomic_write_bytes(out_dir / "index.html", html.encode())
+    atomic_write_bytes(out_dir / "index.html", html.encode())
     files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "index.html", *files]
     return {"files": files, "choice": choice, "markdown": markdown}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing (web server, colleagues)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CSS = """
