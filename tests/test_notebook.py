@@ -25,8 +25,8 @@ def test_notebook_executes(monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "11 runs; baseline: smollm2-baseline" in text
-    assert "Chosen: smollm2-int8-sq-a0.5-pt" in text and "Chosen: smollm2-baseline (the baseline" in text
+    assert "17 runs; baseline: smollm2-baseline" in text
+    assert "Chosen: smollm2-int8-sq-auto-pt" in text and "Chosen: smollm2-baseline (the baseline" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # accuracy vs size for two metrics; no speed plot without bench numbers
     tables = [o for o in outputs if "text/markdown" in o.get("data", {})]

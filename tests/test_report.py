@@ -46,7 +46,7 @@ def test_compare_out_dir_writes_markdown_csv_html_and_plots(tmp_path, capsys):
     assert main(["compare", str(EXAMPLES), "--out", str(out), "--max-loss", "wiki_ppl.word_perplexity=3%",
                  "--metric", "wiki_ppl.word_perplexity", "--metric", "hellaswag.acc_norm"]) == 0
     printed = capsys.readouterr().out
-    assert "Chosen: smollm2-int8-sq-a0.5-pt" in printed
+    assert "Chosen: smollm2-int8-sq-auto-pt" in printed  # the smallest run within +3%: the shipped default
     names = sorted(p.name for p in out.iterdir())
     assert names == ["hellaswag.acc_norm_vs_size.png", "index.html", "table.csv", "table.md",
                      "wiki_ppl.word_perplexity_vs_size.png"]  # no speed plot: the example runs have no bench
@@ -60,7 +60,7 @@ def test_compare_out_dir_writes_markdown_csv_html_and_plots(tmp_path, capsys):
     assert not re.search(r"""(src|href)=["']?(https?:|//|[\w./-]+\.(png|css|js))""", html)  # self-contained
     assert 'class="noise"' in html and "CHOSEN" in html
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert len(rows) == 11
+    assert len(rows) == 17
     fp8 = next(r for r in rows if r["run"] == "smollm2-fp8")
     assert float(fp8["wiki_ppl.word_perplexity.delta"]) == pytest.approx(66.382 - 63.425, abs=1e-3)
     assert fp8["hellaswag.acc_norm.within_noise"] == "True" and float(fp8["hellaswag.acc_norm.delta_se"]) > 0
@@ -92,6 +92,6 @@ def test_compare_md_file_and_run_expansion(tmp_path, capsys):
     runs = [str(EXAMPLES / "smollm2-fp8"), str(EXAMPLES / "smollm2-baseline")]
     assert main(["compare", *runs, "--out", str(target)]) == 0
     assert target.read_text().startswith("| run | method |") and list(tmp_path.iterdir()) == [target]
-    assert len(expand_run_dirs([EXAMPLES])) == 11
+    assert len(expand_run_dirs([EXAMPLES])) == 17
     runs_, baseline = load_runs([EXAMPLES / "smollm2-fp8"], EXAMPLES / "smollm2-baseline")
     assert baseline["run"] == "smollm2-baseline" and [r["run"] for r in runs_] == ["smollm2-baseline", "smollm2-fp8"]
