@@ -10,6 +10,9 @@ import torch
 from _tiny import make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never use the network: Hub loaders must fail fast with quantkit's error, not hang on retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -126,3 +126,12 @@ def test_alpha_auto_choices_are_recorded_in_the_run_folder(tmp_path, tiny_model_
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert stages["quantize"]["smoothquant_alphas"] == "quantize/smoothquant_alphas.json"
     assert stages["quantize"]["settings"]["activations"] == "per_token"
+
+
+def test_hub_model_and_hub_dataset_offline_give_clear_errors(tmp_path, capsys, tiny_model_dir):
+    code, err = run_cli(capsys, "validate", str(recipe(tmp_path, "HuggingFaceTB/SmolLM2-135M")))
+    assert code == 2 and "model.source" in err and "network" in err
+    assert_one_paragraph(err)
+    code, err = run_cli(capsys, "validate", str(recipe(tmp_path, str(tiny_model_dir), "wikitext")))
+    assert code == 2 and "calibration.dataset" in err and "could not load Hub dataset 'wikitext'" in err
+    assert_one_paragraph(err)
