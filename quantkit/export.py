@@ -29,6 +29,10 @@ def staging_dir(target: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        # mkdtemp makes 0700 and some writers 0600: checkpoints are handed to other people and services.
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

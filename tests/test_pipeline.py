@@ -44,6 +44,8 @@ def test_run_folder_contract(runs):
                 "export/hf/tokenizer.json", "build/plan.json", "build/build.sh", "quantize/modelopt_state.pth"]:
         assert (run / rel).is_file(), rel
     assert not list(run.rglob(".*partial*"))  # no temporary leftovers
+    for p in (run / "export").rglob("*"):  # readable by the deployment team, not only by whoever ran it
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
     stages = read_json(run / "manifest.json")["stages"]
     assert {"quantize", "export", "check", "evaluate", "build"} <= set(stages)
     assert stages["check"]["violations"] == []
