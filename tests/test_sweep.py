@@ -277,7 +277,7 @@ def test_choose_cli_on_measured_runs(capsys):
     examples = str(REPO / "notebooks" / "example_runs")
     assert main(["choose", examples, "--max-loss", "wiki_ppl.word_perplexity=3%"]) == 0
     out = capsys.readouterr().out
-    assert "Chosen: smollm2-int8-sq-a0.5-pt" in out
+    assert "Chosen: smollm2-int8-sq-auto-pt" in out  # smallest within +3% (+1.41%), ties broken by loss
     assert "rejected smollm2-fp8: wiki_ppl.word_perplexity loss +4.66%" in out
     assert main(["choose", examples, "--max-loss", "wiki_ppl.word_perplexity=1%", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["chosen"] == "smollm2-baseline"
