@@ -37,7 +37,8 @@ METHODS: dict[str, Method] = {
             "int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", True,
             _COMMON | {"smoothquant_alpha", "activations"},
             # Defaults measured on SmolLM2-135M (eval/RESULTS.md): per-token activations, per-layer alpha search.
-            {"smoothquant_alpha": "auto", "activations": "per_token"}, "W8A8_SQ_PER_CHANNEL",
+            {"smoothquant_alpha": "auto", "activations": "per_token"},
+            "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN (per-token, default) / W8A8_SQ_PER_CHANNEL (per-tensor)",
         ),
         Method(
             "int4_awq", "INT4 block-wise weights, AWQ scale search, 16-bit activations", "INT4_AWQ_CFG", True,
