@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import resource
 import statistics
@@ -265,6 +266,66 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def built_engine_dir(run_dir: Path) -> Path | None:
+    """The TensorRT-LLM engine folder that `quantkit build` recorded for this run, if it still exists."""
+    info = run_dir / "build" / "engine.json"
+    if not info.is_file():
+        return None
+    engine_dir = Path(json.loads(info.read_text())["engine_dir"])
+    return engine_dir if any(engine_dir.glob("rank*.engine")) else None
+
+
+def tensorrt_llm_available() -> bool:
+    try:
+        import tensorrt_llm  # noqa: F401
+    except Exception:  # a broken install raises more than ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def bench_engine(engine_dir: Path, tokenizer_dir: Path, bench: BenchSection, seed: int = 0) -> dict[str, Any]:
+    """The built engine through TensorRT-LLM's ModelRunner (engine line, TensorRT-LLM <= 1.2.x).
+
+    TTFT is a 1-token generate; decode tokens/s is the rest of an `output_len` generate. Early stopping is off
+    (end_id -1, as TensorRT-LLM's own benchmarks run) so every request makes `output_len` tokens.
+    Not runnable on machines without TensorRT-LLM (none here); kept small and parallel to `bench_model`.
+    """
+    from tensorrt_llm.runtime import ModelRunner
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    runner = ModelRunner.from_dir(engine_dir=str(engine_dir), rank=0)
+    g = torch.Generator().manual_seed(seed)
+    free_before = torch.cuda.mem_get_info()[0]
+
+    def timed(ids: list[torch.Tensor], new_tokens: int) -> float:
+        times = []
+        for i in range(bench.warmup + bench.repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.generate(ids, max_new_tokens=new_tokens, end_id=-1, pad_id=tokenizer.pad_token_id or 0)
+            torch.cuda.synchronize()
+            if i >= bench.warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    results = []
+    for bs in bench.batch_sizes:
+        ids = [torch.randint(100, len(tokenizer), (bench.input_len,), generator=g, dtype=torch.int32)
+               for _ in range(bs)]
+        ttft = timed(ids, 1)
+        total = timed(ids, bench.output_len)
+        results.append({"batch_size": bs, "prefill_tok_s": bs * bench.input_len / ttft,
+                        "decode_tok_s": bs * (bench.output_len - 1) / max(total - ttft, 1e-9), "ttft_s": ttft,
+                        "peak_gpu_mb": (free_before - torch.cuda.mem_get_info()[0]) / 2**20 or None,
+                        "peak_cpu_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    import tensorrt_llm
+
+    return {"device": "cuda", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "runtime": f"tensorrt_llm {tensorrt_llm.__version__} engine", "settings": bench.model_dump(),
+            "compile": False, "cuda_graph": False, "results": results}
+
+
 def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, device: str | None = None,
               **kwargs: Any) -> dict[str, Any]:
     """Benchmark a run folder's HF export (or, for a `none` run, the unquantized source model) and write
@@ -281,6 +342,17 @@ def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, de
     section = bench_section or BenchSection(**(recipe.get("bench") or {}))
     hf_dir = run_dir / "export" / "hf"
     t0 = time.perf_counter()
+    engine_dir = built_engine_dir(run_dir)
+    if engine_dir is not None and device == "cuda" and tensorrt_llm_available():
+        # What deployment runs: the engine `quantkit build` made, not quantkit's own kernels.
+        result = bench_engine(engine_dir, hf_dir if hf_dir.is_dir() else run_dir / "export" / "trtllm", section)
+        result.update(run=run_dir.name, method=method, loaded=str(engine_dir), load_s=0.0,
+                      checkpoint_bytes=checkpoint_size(engine_dir), model_dtype=dtype_name,
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return _record_bench(run_dir, result, section, device, method, t0)
+    if engine_dir is not None:
+        log.info("engine %s found, but TensorRT-LLM or CUDA is missing here: benchmarking the HF checkpoint "
+                 "with quantkit.runtime instead", engine_dir)
     if method == "none":
         model, tokenizer = load_model(recipe["model"]["source"], dtype_name, device)
         size_path = hf_dir if hf_dir.is_dir() else Path(resolve_model_path(recipe["model"]["source"]))
@@ -296,6 +368,12 @@ def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, de
     result.update(run=run_dir.name, method=method, loaded=loaded, load_s=round(load_s, 2),
                   checkpoint_bytes=checkpoint_size(size_path), model_dtype=dtype_name,
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    result.setdefault("runtime", "quantkit.runtime")
+    return _record_bench(run_dir, result, section, device, method, t0)
+
+
+def _record_bench(run_dir: Path, result: dict[str, Any], section: BenchSection, device: str, method: str,
+                  t0: float) -> dict[str, Any]:
     from quantkit.runfolder import RunFolder, atomic_write_json, fingerprint
 
     atomic_write_json(run_dir / "bench" / "bench.json", result)

@@ -157,3 +157,26 @@ def test_bench_run_unquantized_baseline(tmp_path: Path) -> None:
     assert data["method"] == "none" and data["kernels"] == {}
     assert data["checkpoint_bytes"] == checkpoint_size(src)
     assert (run / "bench" / "bench.json").is_file()
+
+
+def test_bench_uses_a_built_engine_only_where_tensorrt_llm_runs(tmp_path: Path, monkeypatch) -> None:
+    """With build/engine.json from `quantkit build`, bench runs the engine where TensorRT-LLM and CUDA exist;
+    here neither does, so it says so and measures the HF checkpoint with quantkit.runtime."""
+    import quantkit.bench as qb
+
+    run = _run_folder(tmp_path, "int8_sq", "unused-for-quantized-runs")
+    shutil.copytree(roundtrip("int8_sq").hf_dir, run / "export" / "hf")
+    engines = run / "build" / "engines"
+    engines.mkdir(parents=True)
+    (engines / "rank0.engine").write_bytes(b"\0" * 16)
+    (run / "build" / "engine.json").write_text(json.dumps({"engine_dir": str(engines)}))
+    assert qb.built_engine_dir(run) == engines
+    calls = []
+    monkeypatch.setattr(qb, "bench_engine", lambda *a, **k: calls.append(a) or {})
+    data = bench_run(run, device="cpu")
+    assert calls == [] and data["runtime"] == "quantkit.runtime" and data["loaded"].endswith("export/hf")
+    monkeypatch.setattr(qb, "tensorrt_llm_available", lambda: True)  # as on a deployment machine
+    monkeypatch.setattr(qb, "bench_engine", lambda *a, **k: {"runtime": "tensorrt_llm engine", "card": "gpu",
+                                                             "results": [], "compile": False, "cuda_graph": False})
+    data = bench_run(run, device="cuda")
+    assert data["runtime"] == "tensorrt_llm engine" and data["loaded"] == str(engines)
