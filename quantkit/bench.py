@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from quantkit.recipe import BenchSection
+from quantkit.runfolder import read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -254,18 +255,6 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
                 torch.cuda.empty_cache()
 
 
-def _recipe(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        from quantkit.errors import QuantkitError
-
-        raise QuantkitError(f"'{run_dir}' has no recipe.yaml, so it is not a run folder", where=str(run_dir),
-                            fix="give the folder that `quantkit run` created")
-    return yaml.safe_load(path.read_text())
-
-
 def built_engine_dir(run_dir: Path) -> Path | None:
     """The TensorRT-LLM engine folder that `quantkit build` recorded for this run, if it still exists."""
     info = run_dir / "build" / "engine.json"
@@ -335,7 +324,7 @@ def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, de
     from quantkit.runtime import load_quantized
 
     run_dir = Path(run_dir)
-    recipe = _recipe(run_dir)
+    recipe = read_recipe(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     method = recipe["quantize"]["method"]
     dtype_name = recipe["model"].get("dtype", "bfloat16")

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from quantkit.runfolder import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from quantkit.runfolder import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_recipe
 
 # The metric a table shows per task (as lm-eval names it), and whether lower is better.
 PRIMARY_METRICS: dict[str, list[tuple[str, bool]]] = {
@@ -24,10 +22,6 @@ PRIMARY_METRICS: dict[str, list[tuple[str, bool]]] = {
 }
 
 
-def _recipe(run_dir: Path) -> dict:
-    return yaml.safe_load((run_dir / "recipe.yaml").read_text())
-
-
 def _metrics(run_dir: Path) -> dict:
     path = run_dir / "eval" / "lm_eval.json"
     return read_json(path)["tasks"] if path.is_file() else {}
@@ -35,20 +29,20 @@ def _metrics(run_dir: Path) -> dict:
 
 def find_baseline(run_dir: Path) -> Path | None:
     """A sibling run of the same model with method 'none' that has evaluation results."""
-    recipe = _recipe(run_dir)
+    recipe = read_recipe(run_dir)
     if recipe["quantize"]["method"] == "none":
         return None
     for other in sorted(run_dir.parent.iterdir()):
         if other == run_dir or not (other / "recipe.yaml").is_file() or not _metrics(other):
             continue
-        r = _recipe(other)
+        r = read_recipe(other)
         if r["quantize"]["method"] == "none" and r["model"]["source"] == recipe["model"]["source"]:
             return other
     return None
 
 
 def collect_results(run_dir: Path) -> dict[str, Any]:
-    recipe = _recipe(run_dir)
+    recipe = read_recipe(run_dir)
     manifest_path = run_dir / "manifest.json"
     stages = read_json(manifest_path)["stages"] if manifest_path.is_file() else {}
     quant = stages.get("quantize", {})

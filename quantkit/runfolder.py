@@ -68,18 +68,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def remove_leftovers(run_dir: Path) -> int:
-    """Delete what a killed process left half-written. Every temporary name quantkit uses in a run folder
-    starts with '.' (atomic writes, staging folders) and no finished file does, so all of them can go."""
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what a killed process left half-written; return what went. Every temporary name quantkit uses
+    in a run folder starts with '.' (atomic writes, staging folders) and no finished file does."""
     import shutil
 
+    if not run_dir.is_dir():
+        return []
     leftovers = sorted(run_dir.rglob(".*"), key=lambda p: len(p.parts), reverse=True)
     for p in leftovers:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-    return len(leftovers)
+    return leftovers
+
+
+def read_recipe(run_dir: Path) -> dict:
+    """The resolved recipe a run folder was made with (plain data: a later quantkit may have changed the schema)."""
+    import yaml
+
+    from quantkit.errors import QuantkitError
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise QuantkitError(f"'{run_dir}' has no recipe.yaml, so it is not a run folder", where=str(run_dir),
+                            fix="give the folder that `quantkit run` created")
+    return yaml.safe_load(path.read_text())
 
 
 @dataclass

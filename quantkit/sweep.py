@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import re
-import shutil
 import signal
 import sys
 import time
@@ -296,18 +295,6 @@ def _shape_problem(point: Point, device: str | None, skeletons: dict) -> str | N
 _TEMP = re.compile(r"^\..+(\.partial.*|\.[a-z0-9_]{8})$")  # staging dirs / atomic_write_* temporary names
 
 
-def clean_partials(run_dir: Path) -> list[Path]:
-    """Remove what a killed process left half-written in a run folder (never a finished, renamed file)."""
-    removed = []
-    if not run_dir.is_dir():
-        return removed
-    for p in sorted(run_dir.rglob(".*"), key=lambda q: len(q.parts), reverse=True):
-        if _TEMP.match(p.name) and p.name not in (LOCK,):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
 def _folder_recipe_fp(run_dir: Path) -> str | None:
     path = run_dir / "recipe.yaml"
     try:
@@ -443,11 +430,7 @@ def _run_points(sweep: Sweep, state: State, device: str | None, retry_failed: bo
     log.info("sweep %s: %d points, %d complete, %d to run, %d invalid (%s)", sweep.folder, len(sweep.points),
              sum(f == "done" for f in fates.values()), len(todo),
              sum(f.startswith("invalid") for f in fates.values()), state.path)
-    for i, p in enumerate(todo, 1):
-        removed = clean_partials(p.run_dir)
-        if removed:
-            log.info("[sweep] %s: removed %d leftover temporary file(s) of an interrupted run", p.name,
-                     len(removed))
+    for i, p in enumerate(todo, 1):  # run_recipe removes an interrupted point's leftovers itself
         log.info("[sweep %d/%d] %s", i, len(todo), p.name)
         t0 = time.perf_counter()
         state.set(p, status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -18,7 +18,8 @@ import pytest
 from quantkit.choose import choose, parse_budget, parse_limit
 from quantkit.errors import QuantkitError, RecipeError
 from quantkit.runfolder import read_json
-from quantkit.sweep import STATE, clean_partials, load_sweep, plan, point_name, run_sweep
+from quantkit.runfolder import remove_leftovers as clean_partials
+from quantkit.sweep import STATE, load_sweep, plan, point_name, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
