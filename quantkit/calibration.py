@@ -119,21 +119,31 @@ def load_texts(dataset: str, text_field: str = "text") -> list[str]:
     )
 
 
+CPU_AUTO_BATCH = 8  # batch_size auto without a GPU: memory is rarely the limit there, and 8 is the default
+
+
 @dataclass
 class CalibrationSet:
     input_ids: torch.Tensor  # [n_samples, seq_len]
-    batch_size: int
+    batch_size: int | str    # "auto" until quantize.resolve_batch_size measures it on the loaded model
     fingerprint: str         # sha256 of the token ids: identical data <=> identical fingerprint
 
+    def with_batch_size(self, batch_size: int) -> CalibrationSet:
+        return CalibrationSet(self.input_ids, max(1, min(int(batch_size), len(self.input_ids))), self.fingerprint)
+
     def batches(self) -> Iterator[torch.Tensor]:
+        if not isinstance(self.batch_size, int):
+            raise RuntimeError("calibration batch_size 'auto' must be resolved on the model first")
         for start in range(0, len(self.input_ids), self.batch_size):
             yield self.input_ids[start:start + self.batch_size]
 
     def __len__(self) -> int:
+        if not isinstance(self.batch_size, int):
+            raise RuntimeError("calibration batch_size 'auto' must be resolved on the model first")
         return (len(self.input_ids) + self.batch_size - 1) // self.batch_size
 
 
-def build_calibration_set(texts: list[str], tokenizer, n_samples: int, seq_len: int, batch_size: int,
+def build_calibration_set(texts: list[str], tokenizer, n_samples: int, seq_len: int, batch_size: int | str,
                           seed: int, dataset: str = "") -> CalibrationSet:
     """Shuffle documents with `seed`, join them with EOS, cut into `n_samples` windows of `seq_len`."""
     order = list(range(len(texts)))

@@ -5,6 +5,10 @@ The CLI prints these without a stack trace and exits with code 2; anything else 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class QuantkitError(Exception):
     """An error caused by the user's input (recipe, paths, data), not by quantkit."""
@@ -42,3 +46,86 @@ class CalibrationDataError(QuantkitError):
 
 class MissingDependencyError(QuantkitError):
     """An optional runtime (TensorRT-LLM, a GPU) that this machine does not have."""
+
+
+class ResourceError(QuantkitError):
+    """Out of disk space or memory: the stage, what it needed, and the fix."""
+
+
+# How a full disk surfaces: OSError(ENOSPC/EDQUOT) from Python, and RuntimeErrors from torch's C++ writers
+# (torch.save: "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file") and safetensors.
+_DISK_FULL_TEXT = ("no space left", "iostream error", "failed writing file", "file write failed", "disk quota")
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, (RuntimeError, OSError)) and any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return any(isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in str(e).lower()
+               for t in _OOM_TEXT)) for e in _chain(exc))  # torch.cuda.OutOfMemoryError is a RuntimeError
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def disk_full(stage: str, where: str, need_bytes: int | None = None, free_bytes: int | None = None) -> ResourceError:
+    """A full disk: found before writing (free_bytes known) or while writing."""
+    if free_bytes is not None:
+        msg = (f"'{where}' has {_gib(free_bytes)} free but the {stage} stage will write about {_gib(need_bytes or 0)}"
+               "; nothing was written")
+    else:
+        need = f" (it writes about {_gib(need_bytes)})" if need_bytes else ""
+        msg = f"the {stage} stage ran out of disk space writing to '{where}'{need}; its partial files were removed"
+    return ResourceError(msg, where=stage, fix="free space there, or set output_dir to a file system with more room")
+
+
+def out_of_memory(stage: str, what: str, exc: BaseException, fix: str) -> ResourceError:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ResourceError(f"the {stage} stage ran out of memory {what} ({first})", where=stage, fix=fix)
+
+
+OOM_FIX = {
+    "quantize": "lower calibration.batch_size (or set it to auto), or set model.device_map: auto with model.max_memory "
+                "below the GPU's size so accelerate offloads part of the model",
+    "export": "set model.device_map: auto with a lower model.max_memory so fewer weights stay on the GPU, or export "
+              "one format at a time (export.trtllm: null, then export.hf: false)",
+    "evaluate": "lower evaluate.batch_size",
+}
+
+
+@contextlib.contextmanager
+def resource_errors(stage: str, where: Path | str, need_bytes: int | None = None) -> Iterator[None]:
+    """Turn a full disk or an out-of-memory inside `stage` into one ResourceError paragraph (exit 2). Callers write
+    through atomic writes and staging folders, so what was half-written is already gone when this raises."""
+    try:
+        yield
+    except QuantkitError as exc:
+        if exc.__cause__ is None or not (is_disk_full(exc.__cause__) or is_out_of_memory(exc.__cause__)):
+            raise
+        raise (disk_full(stage, str(where), need_bytes) if is_disk_full(exc.__cause__) else
+               out_of_memory(stage, f"writing '{where}'", exc.__cause__, OOM_FIX[stage])) from exc.__cause__
+    except (OSError, RuntimeError, MemoryError) as exc:
+        if is_disk_full(exc):
+            raise disk_full(stage, str(where), need_bytes) from exc
+        if is_out_of_memory(exc):
+            raise out_of_memory(stage, f"writing '{where}'" if stage != "evaluate" else "evaluating", exc,
+                                OOM_FIX.get(stage, "free memory on the device")) from exc
+        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -62,6 +63,48 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def share_fused_scales(model: torch.nn.Module) -> torch.nn.Module:
+    """Do ahead, in place, what ModelOpt's TensorRT-LLM exporter does to layers it fuses (q/k/v, gate/up:
+    `layer_utils.build_qkv`/`build_mlp` call `quant_utils.preprocess_linear_fusion`, which gives them one input
+    and one weight amax). The HF path skips FP8 groups (`unified_export_hf._fuse_shared_input_modules`), so for
+    FP8 only this makes the evaluated model the TensorRT-LLM one; for other formats it is already done and this is
+    a no-op. Afterwards the exporter changes nothing, so an evaluation-only rerun needs no export at all.
+    """
+    from modelopt.torch.export.quant_utils import QUANTIZATION_NONE, get_quantization_format, preprocess_linear_fusion
+    from modelopt.torch.export.unified_export_hf import collect_shared_input_modules
+
+    def dummy_forward() -> None:
+        emb = model.get_input_embeddings()
+        device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or emb.weight.device
+        model(torch.ones([1, 2], dtype=torch.long, device=device))
+
+    with _quiet(), torch.no_grad():
+        groups, _ = collect_shared_input_modules(model, dummy_forward)
+        for modules in groups.values():
+            formats = {get_quantization_format(m) for m in modules}
+            if len(modules) > 1 and len(formats) == 1 and QUANTIZATION_NONE not in formats:
+                preprocess_linear_fusion(modules)
+    return model
+
+
+@contextlib.contextmanager
+def materialized(model: torch.nn.Module):
+    """All weights of an accelerate-offloaded model on their execution device while the block runs (for an
+    exporter that reads `module.weight` directly), offloaded again after; nothing is written back. No-op for a
+    resident model."""
+    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook, weight_access_and_writeback_context
+    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+
+    if not has_accelerate_offload(model):
+        yield model
+        return
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if _get_offload_hook(getattr(m, "_hf_hook", None)) is not None:
+                stack.enter_context(weight_access_and_writeback_context(m, writeback=False))
+        yield model
+
+
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
                   pp_size: int = 1) -> Path:
     """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""
@@ -116,21 +159,47 @@ def _fix_pre_quant_flag(folder: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=4))
 
 
+@contextlib.contextmanager
+def _undo_in_place_export(model: torch.nn.Module):
+    """Give back the model as it was after ModelOpt's HF exporter, without a second copy of the weights.
+
+    The exporter packs each weight into a new tensor (`setattr(module, "weight", nn.Parameter(packed))`),
+    registers scale buffers and re-types amax attributes: it rebinds names, it does not write into the tensors
+    the model holds. Keeping every module's names bound to their tensors (references, no data) and putting them
+    back afterwards restores the model bit for bit (tests/test_scale.py checks state dict and logits).
+    """
+    saved = []
+    for m in model.modules():
+        d = dict(m.__dict__)
+        d["_parameters"], d["_buffers"], d["_modules"] = dict(m._parameters), dict(m._buffers), dict(m._modules)
+        d["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        saved.append((m, d))
+    config = getattr(model, "config", None)
+    config_state = copy.deepcopy(config.__dict__) if config is not None else None
+    try:
+        yield
+    finally:
+        for m, d in saved:
+            m.__dict__.clear()
+            m.__dict__.update(d)
+        if config is not None:
+            config.__dict__.clear()
+            config.__dict__.update(config_state)
+
+
 def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> Path:
     """HF unified checkpoint via `modelopt.torch.export.export_hf_checkpoint` (ModelOpt format).
 
-    The exporter packs weights in place (the model no longer runs afterwards), so it works on a copy.
+    The exporter packs weights in place; `_undo_in_place_export` hands the model back unchanged (so evaluation
+    can follow) without the deep copy of the whole model this used to take. Offloaded models take ModelOpt's
+    streaming writer (one layer materialized at a time).
     """
-    import copy
-
     from modelopt.torch.export import export_hf_checkpoint
 
-    model = copy.deepcopy(model)
-
-    if not getattr(model.config, "architectures", None):
-        # The exporter reads architectures to label the checkpoint; take it from the arch file.
-        model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
-    with staging_dir(target) as tmp, _quiet():
+    with staging_dir(target) as tmp, _undo_in_place_export(model), _quiet():
+        if not getattr(model.config, "architectures", None):
+            # The exporter reads architectures to label the checkpoint; take it from the arch file.
+            model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
         export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
         if (tmp / "hf_quant_config.json").is_file():
             _label_per_token_smoothquant(tmp / "hf_quant_config.json", "quantization", "*.safetensors", ".input_scale")
@@ -146,3 +215,35 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
 def save_tokenizer(tokenizer, *targets: Path) -> None:
     for t in targets:
         tokenizer.save_pretrained(t)
+
+
+def _stored_weight_bytes(cfg: dict | None) -> float | None:
+    """Bytes per element of a quantized linear weight as the checkpoints store it, block scales included,
+    read from the ModelOpt config's weight quantizer (the first of a sequence is the stored format: W4A8 keeps
+    int4). None: weights stay in the export dtype."""
+    if not cfg:
+        return None
+    entry = next((e for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer" and "cfg" in e), None)
+    if entry is None or entry.get("enable") is False:
+        return None
+    wc = entry["cfg"][0] if isinstance(entry["cfg"], list) else entry["cfg"]
+    bits = wc["num_bits"]
+    bits = 1 + sum(bits) if isinstance(bits, (list, tuple)) else bits  # (4, 3): sign + exponent + mantissa = 8
+    block = (wc.get("block_sizes") or {}).get(-1)
+    scale_bytes = 1 if (wc.get("block_sizes") or {}).get("scale_bits") == (4, 3) else 2  # NVFP4: fp8 scales
+    return bits / 8 + (scale_bytes / block if block else 0)
+
+
+def checkpoint_bytes(skeleton: torch.nn.Module, cfg: dict | None, exclude: list[str], dtype: str) -> int:
+    """Upper-bound estimate of one checkpoint's bytes from shapes (a meta skeleton) and the ModelOpt config:
+    quantized linears at their stored width, everything else in `dtype`; tied embeddings counted twice
+    (TensorRT-LLM writes lm_head apart)."""
+    from quantkit.quantize import quantized_linears
+
+    per_weight = _stored_weight_bytes(cfg)
+    quantized = set() if per_weight is None else {f"{n}.weight" for n in quantized_linears(skeleton, exclude)}
+    unquant_bytes = DTYPES[dtype].itemsize
+    total = 0.0
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        total += p.numel() * (per_weight if name in quantized else unquant_bytes)
+    return int(total * 1.02) + (1 << 20)  # 2% and 1 MiB: per-tensor scales, headers, config files

@@ -143,20 +143,48 @@ def resolve_model_path(source: str) -> str:
     return source  # a Hub id: transformers downloads it (or fails offline; see load_model)
 
 
-def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu"):
-    """Load (model, tokenizer); model in eval mode on `device`."""
+def resolve_device_map(device: str, device_map: str | dict | None, max_memory: dict | None) -> str | dict:
+    """Where from_pretrained puts the weights. Unset: the run's device, or accelerate's sharding ("auto") when
+    max_memory caps it; "cuda" means the first GPU (transformers reads a bare "cuda" the same way)."""
+    if device_map is None:
+        return "auto" if max_memory else device
+    return device_map
+
+
+def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu", *, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) in eval mode, straight onto where it runs: never a whole CPU copy then `.to()`.
+
+    `device_map`/`max_memory` go to `from_pretrained` as they are (accelerate's placement: one device, sharding
+    over GPUs, CPU or disk offload for a model larger than the GPU; disk-offloaded weights go to `offload_folder`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(source)
+    placement = resolve_device_map(device, device_map, max_memory)
+    kwargs: dict = {"dtype": DTYPES[dtype], "device_map": placement, "trust_remote_code": trust_remote_code}
+    if max_memory:  # accelerate names GPUs by index: the recipe's "0" is GPU 0
+        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelSourceError(
             f"could not load model '{source}' ({str(exc).splitlines()[0]})",
             where="model.source",
             fix="check the Hub id and your network (HF_HUB_OFFLINE), or download the model and give its local folder",
         ) from exc
+    except ValueError as exc:
+        if "offload" not in str(exc) and "device" not in str(exc):
+            raise
+        raise ModelSourceError(
+            f"could not place model '{source}' with device_map={placement!r}, max_memory={max_memory!r} "
+            f"({str(exc).splitlines()[0]})", where="model.device_map",
+            fix="raise model.max_memory, or use device_map: auto so accelerate may offload to CPU and disk",
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer

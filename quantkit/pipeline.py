@@ -17,10 +17,18 @@ from typing import Any
 import torch
 
 from quantkit.calibration import CalibrationSet, build_calibration_set, load_texts
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, resource_errors
 from quantkit.methods import get_method, resolved_settings
 from quantkit.recipe import Recipe
-from quantkit.runfolder import RunFolder, atomic_write_json, atomic_write_text, fingerprint, remove_leftovers
+from quantkit.runfolder import (
+    RunFolder,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_free_space,
+    fingerprint,
+    remove_leftovers,
+)
 
 log = logging.getLogger("quantkit")
 
@@ -73,22 +81,35 @@ class RunCache:
         self.calibration_sets[key] = calib
         return calib
 
-    def load_model(self, source: str, dtype: str, device: str):
-        """(fresh unquantized model on `device`, shared tokenizer)."""
-        from quantkit.models import load_model, resolve_model_path
+    def load_model(self, recipe: Recipe, device: str, offload_folder: Path | None = None):
+        """(fresh unquantized model where the recipe places it, shared tokenizer). Only a small model loaded
+        on the CPU is kept: on a GPU, or offloaded, loading straight to the device beats any host copy."""
+        from quantkit.models import load_model, resolve_device_map, resolve_model_path
 
-        path = resolve_model_path(source)
-        key = (path, dtype)
-        tokenizer = self.tokenizer(path)
+        m = recipe.model
+        path = resolve_model_path(m.source)
+        tokenizer = self.tokenizer(path, m.trust_remote_code)
+        if resolve_device_map(device, m.device_map, m.max_memory) != "cpu":
+            model, _ = _load(recipe, device, offload_folder)
+            return model, tokenizer
+        key = (path, m.dtype)
         if key in self.models:
             self._hit("model")
-            return copy.deepcopy(self.models[key]).to(device), tokenizer
-        model, _ = load_model(source, dtype, "cpu")
+            return copy.deepcopy(self.models[key]), tokenizer
+        model, _ = load_model(m.source, m.dtype, "cpu", trust_remote_code=m.trust_remote_code)
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if nbytes <= self.max_model_bytes:
             self.models[key] = model
             model = copy.deepcopy(model)
-        return model.to(device), tokenizer
+        return model, tokenizer
+
+
+def _load(recipe: Recipe, device: str, offload_folder: Path | None = None):
+    from quantkit.models import load_model
+
+    m = recipe.model
+    return load_model(m.source, m.dtype, device, device_map=m.device_map, max_memory=m.max_memory,
+                      offload_folder=offload_folder, trust_remote_code=m.trust_remote_code)
 
 
 def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet | None:
@@ -157,8 +178,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None
 def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: str, t_start: float,
          cache: RunCache | None = None) -> Path:
     from quantkit import export as export_stage
-    from quantkit.models import load_model
-    from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
+    from quantkit import resume
 
     torch.manual_seed(recipe.calibration.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,76 +190,61 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     folder = RunFolder.open(run_dir)
     method = get_method(recipe.quantize.method)
     m, q, c, e = recipe.model, recipe.quantize, recipe.calibration, recipe.export
-    fp_quant = fingerprint(m.model_dump(), q.model_dump(), c.model_dump() if method.uses_calibration_data else None)
+    # Placement (device_map, max_memory) decides where the weights sit, not what the checkpoints hold.
+    fp_quant = fingerprint(m.model_dump(exclude=set(PLACEMENT_FIELDS)), q.model_dump(),
+                           c.model_dump() if method.uses_calibration_data else None)
     fp_export = fingerprint(fp_quant, e.model_dump())
     # Export preparation re-shares scales of fused layers in place: evaluate the model as it is shipped.
     fp_eval = fingerprint(fp_quant, recipe.evaluate.model_dump(), e.trtllm is not None, "deploy-v2")
     fp_build = fingerprint(fp_export, recipe.build.model_dump())
 
     eval_pending = bool(recipe.evaluate.tasks) and not folder.done("evaluate", fp_eval)
-    needs_model = eval_pending or not folder.done("export", fp_export)
+    export_pending = not folder.done("export", fp_export)
+    state_path = run_dir / "quantize" / resume.STATE_FILE
+    (run_dir / "quantize" / "modelopt_state.pth").unlink(missing_ok=True)  # older quantkit: a 16 GB weight copy
+    resumable = method.preset is not None and folder.done("quantize", fp_quant) and state_path.is_file()
+    if export_pending:
+        plan = planned_write_bytes(recipe)
+        check_free_space(run_dir, plan["export"] + (0 if resumable else plan["quantize"]), "export")
     model = tokenizer = None
-    if needs_model:
-        log.info("loading %s (%s) on %s", m.source, m.dtype, device)
-        if cache is not None:
-            model, tokenizer = cache.load_model(m.source, m.dtype, device)
-        else:
-            model, tokenizer = load_model(m.source, m.dtype, device)
-        state_path = run_dir / "quantize" / "modelopt_state.pth"
-        if method.preset is not None and folder.done("quantize", fp_quant) and state_path.is_file():
-            import modelopt.torch.opt as mto
+    offload_folder = run_dir / ".offload"  # disk-offloaded weights (device_map auto); a dot name: a leftover
+    try:
+        if eval_pending or export_pending:
+            log.info("loading %s (%s), device_map %s", m.source, m.dtype,
+                     m.device_map or ("auto" if m.max_memory else device))
+            if cache is not None:
+                model, tokenizer = cache.load_model(recipe, device, offload_folder)
+            else:
+                model, tokenizer = _load(recipe, device, offload_folder)
+            if resumable:
+                log.info("[quantize] restoring the quantized model from %s (calibration skipped)", state_path)
+                model, _ = resume.restore(model, state_path)
+            else:
+                with folder.stage("quantize", fp_quant, log, method=method.name) as info:
+                    model = _quantize(model, recipe, calib, run_dir, info)
+            if method.preset is not None:
+                export_stage.prepare_for_deployment(model)  # evaluate what the checkpoints hold
+                if e.trtllm is not None:  # and what the TensorRT-LLM exporter would change in place
+                    export_stage.share_fused_scales(model)
+            if export_pending:
+                with folder.stage("export", fp_export, log) as info:
+                    _export(model, tokenizer, recipe, run_dir / "export", info)
+        _check_stage(folder, run_dir, fp_export)
+        if eval_pending:
+            from quantkit.evaluate import evaluate
 
-            log.info("[quantize] restoring the quantized model from %s (calibration skipped)", state_path)
-            model = mto.restore(model, str(state_path))
-        else:
-            with folder.stage("quantize", fp_quant, log, method=method.name) as info:
-                counter = ForwardCounter()
-                t0 = time.perf_counter()
-                model = quantize_model(model, q, calib, counter)
-                info.update(settings=resolved_settings(q), quantizers=quantizer_summary(model),
-                            calibration_batches=counter.batches,
-                            calibration_tokens=int(calib.input_ids.numel()) if calib else 0,
-                            calibration_fingerprint=calib.fingerprint if calib else None,
-                            quantize_s=round(time.perf_counter() - t0, 2))
-                alphas = getattr(model, "quantkit_smoothquant_alphas", None)
-                if alphas:  # alpha: auto — the per-layer choice is part of the run's record
-                    atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)
-                    info["smoothquant_alphas"] = "quantize/smoothquant_alphas.json"
-                if method.preset is not None:
-                    _save_modelopt_state(model, state_path)
-        exports = run_dir / "export"
-        if method.preset is not None:
-            export_stage.prepare_for_deployment(model)  # evaluate what the checkpoints hold
-        if not folder.done("export", fp_export):
-            with folder.stage("export", fp_export, log) as info:
-                if e.trtllm is not None:
-                    export_stage.export_trtllm(model, exports / "trtllm", e.trtllm.dtype, e.trtllm.tp_size,
-                                               e.trtllm.pp_size)
-                    info["trtllm_bytes"] = _dir_bytes(exports / "trtllm")
-                if e.hf:
-                    export_stage.export_hf(model, exports / "hf", m.dtype)
-                    tokenizer.save_pretrained(exports / "hf")
-                    info["hf_bytes"] = _dir_bytes(exports / "hf")
-        elif e.trtllm is not None and method.preset is not None:
-            # Exports are current but the evaluation is not: reproduce the exporter's in-place changes.
-            import tempfile
+            if method.preset is not None:
+                import modelopt.torch.quantization as mtq
 
-            with tempfile.TemporaryDirectory() as tmp:
-                export_stage.export_trtllm(model, Path(tmp) / "t", e.trtllm.dtype, e.trtllm.tp_size, e.trtllm.pp_size)
-    _check_stage(folder, run_dir, fp_export)
-    if eval_pending:
-        from quantkit.evaluate import evaluate
-
-        if method.preset is not None:
-            import modelopt.torch.quantization as mtq
-
-            # Quantize the weights once instead of at every forward: same numbers, several times faster.
-            mtq.fold_weight(model)
-        with folder.stage("evaluate", fp_eval, log) as info:
-            results = _evaluate_grouped(evaluate, model, tokenizer, recipe)
-            atomic_write_json(run_dir / "eval" / "lm_eval.json", results)
-            info["tasks"] = sorted(results["tasks"])
-    del model
+                # Quantize the weights once instead of at every forward: same numbers, several times faster.
+                mtq.fold_weight(model)
+            with folder.stage("evaluate", fp_eval, log) as info, resource_errors("evaluate", run_dir / "eval"):
+                results = _evaluate_grouped(evaluate, model, tokenizer, recipe)
+                atomic_write_json(run_dir / "eval" / "lm_eval.json", results)
+                info["tasks"] = sorted(results["tasks"])
+    finally:
+        del model
+        shutil.rmtree(offload_folder, ignore_errors=True)
     _build_stage(folder, run_dir, recipe, fp_build)
     from quantkit.report import write_run_report
 
@@ -248,14 +253,75 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     return run_dir
 
 
-def _save_modelopt_state(model, path: Path) -> None:
-    """ModelOpt state + weights, so a rerun (other eval tasks, a crash) skips calibration."""
-    import modelopt.torch.opt as mto
+PLACEMENT_FIELDS = ("device_map", "max_memory")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    mto.save(model, str(tmp))
-    tmp.replace(path)
+
+def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path, info: dict):
+    """Calibrate, then write the small resume state (quantizer state and weight folds, no weights)."""
+    from quantkit import resume
+    from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
+
+    q = recipe.quantize
+    method = get_method(q.method)
+    counter = ForwardCounter()
+    t0 = time.perf_counter()
+    with resume.record_weight_folds(model) as folds:
+        model = quantize_model(model, q, calib, counter)
+    info.update(settings=resolved_settings(q), quantizers=quantizer_summary(model),
+                calibration_batches=counter.batches, calibration_batch_size=counter.batch_size,
+                calibration_tokens=int(calib.input_ids.numel()) if calib is not None else 0,
+                calibration_fingerprint=calib.fingerprint if calib is not None else None,
+                quantize_s=round(time.perf_counter() - t0, 2))
+    alphas = getattr(model, "quantkit_smoothquant_alphas", None)
+    if alphas:  # alpha: auto — the per-layer choice is part of the run's record
+        atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)
+        info["smoothquant_alphas"] = "quantize/smoothquant_alphas.json"
+    if method.preset is not None:
+        state_path = run_dir / "quantize" / resume.STATE_FILE
+        blob = resume.state_bytes(model, folds)
+        with resource_errors("quantize", state_path, len(blob)):
+            atomic_write_bytes(state_path, blob)
+        info["state_bytes"] = len(blob)
+    return model
+
+
+def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict) -> None:
+    from quantkit import export as export_stage
+
+    m, e = recipe.model, recipe.export
+    if e.trtllm is not None:
+        target = exports / "trtllm"
+        # TensorRT-LLM's exporter reads weights directly: an offloaded model is materialized for it.
+        with resource_errors("export", target), export_stage.materialized(model):
+            export_stage.export_trtllm(model, target, e.trtllm.dtype, e.trtllm.tp_size, e.trtllm.pp_size)
+        info["trtllm_bytes"] = _dir_bytes(target)
+    if e.hf:
+        target = exports / "hf"
+        with resource_errors("export", target):
+            export_stage.export_hf(model, target, m.dtype)
+            tokenizer.save_pretrained(target)
+        info["hf_bytes"] = _dir_bytes(target)
+
+
+def planned_write_bytes(recipe: Recipe) -> dict[str, int]:
+    """What the quantize and export stages will write, from shapes (a meta skeleton) and the method's config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantkit.export import checkpoint_bytes
+    from quantkit.methods import build_modelopt_config
+    from quantkit.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.source),
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    cfg = build_modelopt_config(recipe.quantize)
+    q, e = recipe.quantize, recipe.export
+    export = (checkpoint_bytes(skeleton, cfg, q.exclude, e.trtllm.dtype) if e.trtllm is not None else 0) + (
+        checkpoint_bytes(skeleton, cfg, q.exclude, recipe.model.dtype) if e.hf else 0)
+    # Resume state: quantizer scales and fold factors; 1% of the checkpoint bounds it (measured: 0.1-0.3%).
+    quantize = (export // 100 + (1 << 20)) if cfg is not None else 0
+    return {"quantize": quantize, "export": export}
 
 
 def _evaluate_grouped(evaluate, model, tokenizer, recipe: Recipe) -> dict:

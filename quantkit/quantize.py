@@ -11,8 +11,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from quantkit.calibration import CalibrationSet
-from quantkit.errors import QuantkitError
+from quantkit.calibration import CPU_AUTO_BATCH, CalibrationSet
+from quantkit.errors import OOM_FIX, QuantkitError, is_out_of_memory, out_of_memory
 from quantkit.methods import build_modelopt_config, get_method, resolved_settings
 from quantkit.recipe import QuantizeSection
 
@@ -52,11 +52,52 @@ class ForwardCounter:
 
     def __init__(self) -> None:
         self.batches = 0
+        self.batch_size: int | None = None  # the resolved calibration batch (batch_size: auto)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the embedding's device, or its accelerate execution device when offloaded."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    target = getattr(hook, "execution_device", None)
+    if target is not None:
+        return torch.device(f"cuda:{target}" if isinstance(target, int) else target)
+    return emb.weight.device
+
+
+# ModelOpt's hf_ptq example (get_max_batch_size with --batch_size 0): AWQ and SmoothQuant keep intermediate
+# tensors for their search, so one sample costs about twice an inference forward; other methods 1.1x.
+SEARCH_MEMORY_RATIO = 2.0
+PLAIN_MEMORY_RATIO = 1.1
+
+
+def resolve_batch_size(model: torch.nn.Module, calib: CalibrationSet, section: QuantizeSection) -> CalibrationSet:
+    """`batch_size: auto`: the largest batch that fits on the GPU (capped at n_samples); CPU_AUTO_BATCH on CPU."""
+    if calib.batch_size != "auto":
+        return calib
+    device = input_device(model)
+    if device.type != "cuda":
+        return calib.with_batch_size(CPU_AUTO_BATCH)
+    from modelopt.torch.utils.dataset_utils import get_max_batch_size
+
+    settings = resolved_settings(section)
+    searches = settings.get("awq_algorithm") is not None or "smoothquant_alpha" in settings
+    ratio = SEARCH_MEMORY_RATIO if searches else PLAIN_MEMORY_RATIO
+    try:
+        size = get_max_batch_size(model, max_sample_length=calib.input_ids.shape[1], sample_memory_usage_ratio=ratio,
+                                  sample_input_single_batch=calib.input_ids[:1].to(device))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise out_of_memory("quantize", "running one calibration sample", exc,
+                            "the model does not fit with one sample: set model.device_map: auto and model.max_memory "
+                            "to offload part of it, or shorten calibration.seq_len") from exc
+    resolved = calib.with_batch_size(size)
+    log.info("calibration batch_size auto -> %d (memory ratio %.1f)", resolved.batch_size, ratio)
+    return resolved
 
 
 def make_forward_loop(calib: CalibrationSet, counter: ForwardCounter, desc: str = "calibrate"):
     def forward_loop(model: torch.nn.Module) -> None:
-        device = next(model.parameters()).device
+        device = input_device(model)
         # AWQ calls the loop more than once (search, then apply): one bar per pass.
         with torch.no_grad():
             for batch in tqdm(calib.batches(), total=len(calib), desc=desc, unit="batch", leave=False):
@@ -84,17 +125,26 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
     if method.uses_calibration_data:
         if calib is None:
             raise QuantkitError(f"method '{method.name}' needs calibration data", where="calibration")
+        calib = resolve_batch_size(model, calib, section)
+        counter.batch_size = calib.batch_size
         forward_loop = make_forward_loop(calib, counter, desc=f"calibrate {method.name}")
     # ModelOpt prints its config and every inserted quantizer: keep that in the debug log, not the terminal.
     settings = resolved_settings(section)
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        model = mtq.quantize(model, cfg, forward_loop if cfg.get("algorithm") is not None else None)
-        if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
-            from quantkit.smoothquant import smoothquant_auto
+    try:
+        with contextlib.redirect_stdout(chatter):
+            model = mtq.quantize(model, cfg, forward_loop if cfg.get("algorithm") is not None else None)
+            if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
+                from quantkit.smoothquant import smoothquant_auto
 
-            alphas = smoothquant_auto(model, forward_loop, per_token=settings["activations"] == "per_token")
-            model.quantkit_smoothquant_alphas = alphas  # recorded in the manifest by the pipeline
+                alphas = smoothquant_auto(model, forward_loop, per_token=settings["activations"] == "per_token")
+                model.quantkit_smoothquant_alphas = alphas  # recorded in the manifest by the pipeline
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        batch = (f"calibration batch {calib.batch_size} x {calib.input_ids.shape[1]} tokens" if calib is not None
+                 else "no data")
+        raise out_of_memory("quantize", f"calibrating {method.name} ({batch})", exc, OOM_FIX["quantize"]) from exc
     log.debug("modelopt output:\n%s", chatter.getvalue())
     if settings.get("activations") == "per_token":
         use_per_token_activations(model)

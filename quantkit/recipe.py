@@ -31,6 +31,19 @@ class ModelSection(_Section):
     source: str = Field(description="builtin:<name>, a local HF folder, or a Hub id")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
+    device_map: Literal["auto", "cuda", "cpu"] | dict[str, int | str] | None = Field(
+        default=None, description="where the weights are loaded: unset = the run's device (one GPU, else cpu); "
+        "auto = accelerate's placement (shards over GPUs, offloads to CPU and disk what does not fit); "
+        "or a module -> device mapping")
+    max_memory: dict[str, int | str] | None = Field(
+        default=None, description="per-device memory cap for accelerate's placement, e.g. {0: 8GiB, cpu: 100GiB}; "
+        "implies device_map auto when that is unset")
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _device_keys(cls, v: Any) -> Any:
+        # YAML reads `0: 8GiB` as an int key; accelerate takes ints for GPUs and "cpu"/"disk" as strings.
+        return {str(k): val for k, val in v.items()} if isinstance(v, dict) else v
 
 
 class QuantizeSection(_Section):
@@ -71,9 +84,18 @@ class CalibrationSection(_Section):
     dataset: str = Field(description="builtin:wiki, builtin:news, a local .txt/.jsonl/.parquet file, or a Hub name")
     n_samples: int = Field(default=128, gt=0)
     seq_len: int = Field(default=512, gt=0)
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int | Literal["auto"] = Field(
+        default=8, description="calibration batch; auto = the largest that fits on the GPU (ModelOpt's "
+        "get_max_batch_size, as its hf_ptq example with --batch_size 0), capped at n_samples; on CPU 8")
     seed: int = 1234
     text_field: str = "text"
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"batch_size must be > 0 or 'auto', got {v}")
+        return v
 
 
 class TrtllmExport(_Section):

@@ -133,3 +133,17 @@ class RunFolder:
         wall = time.perf_counter() - start
         self.record(name, fp, wall, **info)
         log.info("[%s] done in %.1f s", name, wall)
+
+
+def check_free_space(path: Path, need_bytes: int, stage: str) -> None:
+    """Fail before writing when the file system holding `path` has less room than the stage will write."""
+    import shutil
+
+    from quantkit.errors import disk_full
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the folder may not exist yet: ask the file system it will be on
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise disk_full(stage, str(path), need_bytes, free)

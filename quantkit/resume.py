@@ -1,0 +1,118 @@
+"""Resume state: what calibration found, without a copy of the weights.
+
+A rerun (other evaluation tasks, a crash after calibration) reloads the source weights and restores onto them:
+- ModelOpt's own state (`mto.modelopt_state`: which quantizers exist and how they are configured),
+- every quantizer's tensors (amax, pre-quant scales, ...; `get_quantizer_state_dict`) and the tensor attributes
+  ModelOpt keeps outside the state dict (`_amax_for_smoothing`, read again when fused layers are re-smoothed),
+- the calibration's in-place weight edits. SmoothQuant and AWQ-lite fold a per-input-channel scale into the
+  weight (`model_calib._apply_weight_pre_quant_scale`, the only place ModelOpt 0.47's calibration writes
+  weights); the fp32 scale of every fold is recorded and replayed with the same arithmetic, so the restored
+  weights are bit-identical. An exact integer checksum of every weight proves it on restore.
+For an 8B model this is a few MB instead of the 16 GB `mto.save` writes (weights included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+STATE_FILE = "quantizer_state.pth"
+FORMAT = 1
+_EXTRA_ATTRS = ("_amax_for_smoothing",)  # quantizer tensors ModelOpt sets as plain attributes
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@contextlib.contextmanager
+def record_weight_folds(model: torch.nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Record (linear name, fp32 scale) for every pre-quant scale folded into a weight while the block runs."""
+    from modelopt.torch.quantization import model_calib
+
+    original = model_calib._apply_weight_pre_quant_scale
+    names = {id(m): n for n, m in model.named_modules()}
+    folds: list[tuple[str, torch.Tensor]] = []
+
+    def recording(linear: torch.nn.Module, pre_quant_scale: torch.Tensor) -> None:
+        if model_calib._ENABLE_FOLDING_PQS_TO_WEIGHTS:  # else the scale lives in a quantizer buffer
+            folds.append((names[id(linear)], pre_quant_scale.detach().to(torch.float32).cpu().clone()))
+        original(linear, pre_quant_scale)
+
+    model_calib._apply_weight_pre_quant_scale = recording
+    try:
+        yield folds
+    finally:
+        model_calib._apply_weight_pre_quant_scale = original
+
+
+def _fold(linear: torch.nn.Module, scale: torch.Tensor) -> None:
+    # The same expression as model_calib._apply_weight_pre_quant_scale, so the bits match.
+    w = linear.weight
+    w.data.copy_((w * scale.to(w.device).squeeze()[None, :]).to(w.dtype))
+
+
+def weight_checksums(model: torch.nn.Module) -> dict[str, int]:
+    """Exact integer sum of each resident parameter's bits (offloaded ones, on meta, are skipped)."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_meta or p.element_size() not in _INT_VIEW:
+                continue
+            out[name] = int(p.detach().contiguous().view(_INT_VIEW[p.element_size()]).sum(dtype=torch.int64))
+    return out
+
+
+def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], extra: dict | None = None) -> bytes:
+    """Serialize the resume state of a just-calibrated model."""
+    import modelopt.torch.opt as mto
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.utils import get_quantizer_state_dict
+
+    quantizers = {name: {k: v.detach().cpu() for k, v in sd.items()}
+                  for name, sd in get_quantizer_state_dict(model).items()}
+    attrs = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            found = {a: getattr(m, a).detach().cpu() for a in _EXTRA_ATTRS
+                     if isinstance(getattr(m, a, None), torch.Tensor)}
+            if found:
+                attrs[name] = found
+    state = {"format": FORMAT, "modelopt_state": mto.modelopt_state(model), "quantizers": quantizers,
+             "attrs": attrs, "folds": folds, "checksums": weight_checksums(model), "extra": extra or {}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def restore(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, dict]:
+    """Restore a quantized model onto freshly loaded source weights; return (model, extra)."""
+    import modelopt.torch.opt as mto
+    from modelopt.torch.quantization.utils import set_quantizer_state_dict
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != FORMAT:
+        raise QuantkitError(f"resume state '{path}' has format {state.get('format')}, this quantkit reads {FORMAT}",
+                            where=str(path), fix="rerun with --force to calibrate again")
+    model = mto.restore_from_modelopt_state(model, state["modelopt_state"])
+    set_quantizer_state_dict(model, state["quantizers"])
+    modules = dict(model.named_modules())
+    for name, attrs in state["attrs"].items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, value)
+    with torch.no_grad():
+        for name, scale in state["folds"]:
+            linear = modules[name]
+            with enable_weight_access_and_writeback(linear, model, modules):
+                _fold(linear, scale)
+    got = weight_checksums(model)
+    bad = [n for n, want in state["checksums"].items() if n in got and got[n] != want]
+    if bad:
+        raise QuantkitError(f"restoring '{path}' onto the source weights does not reproduce the calibrated "
+                            f"weights ({len(bad)} differ, e.g. {bad[0]}): the model folder changed since "
+                            "calibration", where=str(path), fix="rerun with --force to calibrate again")
+    return model, state["extra"]
