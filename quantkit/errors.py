@@ -52,8 +52,9 @@ class ResourceError(QuantkitError):
     """Out of disk space or memory: the stage, what it needed, and the fix."""
 
 
-# How a full disk surfaces: OSError(ENOSPC/EDQUOT) from Python, and RuntimeErrors from torch's C++ writers
-# (torch.save: "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file") and safetensors.
+# How a full disk surfaces: OSError(ENOSPC/EDQUOT) from Python, RuntimeErrors from torch's C++ writers
+# (torch.save: "basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file"), and safetensors'
+# SafetensorError ("No space left on device (os error 28)").
 _DISK_FULL_TEXT = ("no space left", "iostream error", "failed writing file", "file write failed", "disk quota")
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
 
@@ -64,7 +65,7 @@ def is_disk_full(exc: BaseException) -> bool:
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if isinstance(e, (RuntimeError, OSError)) and any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):  # safetensors' SafetensorError is neither class
             return True
     return False
 
@@ -122,7 +123,7 @@ def resource_errors(stage: str, where: Path | str, need_bytes: int | None = None
             raise
         raise (disk_full(stage, str(where), need_bytes) if is_disk_full(exc.__cause__) else
                out_of_memory(stage, f"writing '{where}'", exc.__cause__, OOM_FIX[stage])) from exc.__cause__
-    except (OSError, RuntimeError, MemoryError) as exc:
+    except Exception as exc:  # re-raised below unless it is a full disk or an out-of-memory
         if is_disk_full(exc):
             raise disk_full(stage, str(where), need_bytes) from exc
         if is_out_of_memory(exc):

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def staging_dir(target: Path):
     """Write into a temporary sibling folder and rename it into place only on success."""
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -37,6 +38,12 @@ def staging_dir(target: Path):
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # folders made for this checkpoint alone go with it (a failed export leaves no empty shell)
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -70,7 +77,8 @@ def share_fused_scales(model: torch.nn.Module) -> torch.nn.Module:
     FP8 only this makes the evaluated model the TensorRT-LLM one; for other formats it is already done and this is
     a no-op. Afterwards the exporter changes nothing, so an evaluation-only rerun needs no export at all.
     """
-    from modelopt.torch.export.quant_utils import QUANTIZATION_NONE, get_quantization_format, preprocess_linear_fusion
+    from modelopt.torch.export import quant_utils
+    from modelopt.torch.export.quant_utils import QUANTIZATION_NONE, get_quantization_format
     from modelopt.torch.export.unified_export_hf import collect_shared_input_modules
 
     def dummy_forward() -> None:
@@ -83,26 +91,63 @@ def share_fused_scales(model: torch.nn.Module) -> torch.nn.Module:
         for modules in groups.values():
             formats = {get_quantization_format(m) for m in modules}
             if len(modules) > 1 and len(formats) == 1 and QUANTIZATION_NONE not in formats:
-                preprocess_linear_fusion(modules)
+                quant_utils.preprocess_linear_fusion(modules)  # looked up late: offload_aware_fusion patches it
     return model
 
 
 @contextlib.contextmanager
-def materialized(model: torch.nn.Module):
-    """All weights of an accelerate-offloaded model on their execution device while the block runs (for an
-    exporter that reads `module.weight` directly), offloaded again after; nothing is written back. No-op for a
-    resident model."""
-    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook, weight_access_and_writeback_context
-    from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+def offload_aware_fusion(model: torch.nn.Module):
+    """Let ModelOpt's fused-layer re-smoothing (`preprocess_linear_fusion`, called by `prepare_for_deployment`,
+    `share_fused_scales` and the exporters) work on an accelerate-offloaded model: each call materializes just its
+    group's layers and writes the changed weights back. Unpatched, it computes on the meta placeholders of offloaded
+    weights and leaves meta amax behind. Memory stays at one group of layers. No-op for a resident model."""
+    from modelopt.torch.export import layer_utils, quant_utils, unified_export_hf
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback, has_accelerate_offload
 
     if not has_accelerate_offload(model):
         yield model
         return
-    with contextlib.ExitStack() as stack:
-        for m in model.modules():
-            if _get_offload_hook(getattr(m, "_hf_hook", None)) is not None:
-                stack.enter_context(weight_access_and_writeback_context(m, writeback=False))
+    original = quant_utils.preprocess_linear_fusion
+    name_to_module = dict(model.named_modules())
+
+    def fusion(modules: list[torch.nn.Module], *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(enable_weight_access_and_writeback(m, model, name_to_module))
+            return original(modules, *args, **kwargs)
+
+    owners = (quant_utils, unified_export_hf, layer_utils)
+    for owner in owners:
+        owner.preprocess_linear_fusion = fusion
+    try:
         yield model
+    finally:
+        for owner in owners:
+            owner.preprocess_linear_fusion = original
+
+
+@contextlib.contextmanager
+def materialized(model: torch.nn.Module):
+    """All weights and buffers of an accelerate-offloaded model on their execution device while the block runs (for
+    an exporter that reads `module.weight` directly), offloaded again after; nothing is written back. No-op for a
+    resident model. (ModelOpt's `weight_access_and_writeback_context` skips modules without parameters, so the
+    amax buffers of offloaded quantizers would stay on meta.)"""
+    from modelopt.torch.quantization.plugins.accelerate import _get_offload_hook
+
+    hooked = [(m, hook) for m in model.modules() if (hook := _get_offload_hook(getattr(m, "_hf_hook", None)))]
+    loaded = []
+    try:
+        for m, hook in hooked:
+            if any(t is not None and t.is_meta for t in [*m._parameters.values(), *m._buffers.values()]):
+                hook.pre_forward(m)
+                loaded.append((m, hook))
+            hook.offload = False
+        yield model
+    finally:
+        for _m, hook in hooked:
+            hook.offload = True
+        for m, hook in loaded:
+            hook.post_forward(m, None)
 
 
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,

@@ -223,9 +223,10 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                 with folder.stage("quantize", fp_quant, log, method=method.name) as info:
                     model = _quantize(model, recipe, calib, run_dir, info)
             if method.preset is not None:
-                export_stage.prepare_for_deployment(model)  # evaluate what the checkpoints hold
-                if e.trtllm is not None:  # and what the TensorRT-LLM exporter would change in place
-                    export_stage.share_fused_scales(model)
+                with export_stage.offload_aware_fusion(model):
+                    export_stage.prepare_for_deployment(model)  # evaluate what the checkpoints hold
+                    if e.trtllm is not None:  # and what the TensorRT-LLM exporter would change in place
+                        export_stage.share_fused_scales(model)
             if export_pending:
                 with folder.stage("export", fp_export, log) as info:
                     _export(model, tokenizer, recipe, run_dir / "export", info)
@@ -292,12 +293,13 @@ def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict) -> None
     if e.trtllm is not None:
         target = exports / "trtllm"
         # TensorRT-LLM's exporter reads weights directly: an offloaded model is materialized for it.
-        with resource_errors("export", target), export_stage.materialized(model):
+        with resource_errors("export", target), export_stage.materialized(model), \
+                export_stage.offload_aware_fusion(model):
             export_stage.export_trtllm(model, target, e.trtllm.dtype, e.trtllm.tp_size, e.trtllm.pp_size)
         info["trtllm_bytes"] = _dir_bytes(target)
     if e.hf:
         target = exports / "hf"
-        with resource_errors("export", target):
+        with resource_errors("export", target), export_stage.offload_aware_fusion(model):
             export_stage.export_hf(model, target, m.dtype)
             tokenizer.save_pretrained(target)
         info["hf_bytes"] = _dir_bytes(target)

@@ -35,8 +35,9 @@ def layer_error(x: torch.Tensor, w: torch.Tensor, act_amax: torch.Tensor, alpha:
 def smoothquant_auto(model: torch.nn.Module, forward_loop, per_token: bool,
                      grid: tuple[float, ...] = ALPHA_GRID) -> dict[str, float]:
     """Calibrate and smooth `model` (already converted by mtq.quantize with algorithm None); return alphas."""
-    from modelopt.torch.quantization.model_calib import apply_pre_quant_scale_and_smooth, max_calibrate
+    from modelopt.torch.quantization.model_calib import max_calibrate
     from modelopt.torch.quantization.utils import is_quantized_linear
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
 
     linears = {n: m for n, m in model.named_modules()
                if is_quantized_linear(m) and m.input_quantizer.is_enabled and m.input_quantizer.num_bits == 8}
@@ -60,21 +61,31 @@ def smoothquant_auto(model: torch.nn.Module, forward_loop, per_token: bool,
             h.remove()
 
     chosen: dict[str, float] = {}
+    name_to_module = dict(model.named_modules())
     for name, m in linears.items():
-        act_amax = m.input_quantizer.amax.float().flatten()
-        w = m.weight.float()
-        x = torch.cat(samples.pop(name)).to(w.device)
-        errors = {a: layer_error(x, w, act_amax.to(w.device), a, per_token) for a in grid}
-        alpha = min(errors, key=errors.get)
-        chosen[name] = alpha
-        # The rest mirrors modelopt.torch.quantization.model_calib.smoothquant's postprocess, with this alpha.
-        scale = (w.abs().amax(dim=0, keepdim=True).pow(1 - alpha) / act_amax.pow(alpha)).squeeze()
-        scale[act_amax <= 1.0 / (1 << 31)] = 1
-        scale = scale.clamp(min=1e-4, max=1e4)
-        q = m.input_quantizer
-        q._amax_for_smoothing = act_amax.cpu()
-        q.reset_amax()
-        q.axis = None
-        q.amax = act_amax.amax().to(dtype=m.weight.dtype, device=m.weight.device)
-        apply_pre_quant_scale_and_smooth(m, scale)
+        # Offloaded (accelerate) layers keep their weights on meta between forwards: materialize, write back.
+        with enable_weight_access_and_writeback(m, model, name_to_module):
+            chosen[name] = _smooth_layer(m, samples.pop(name), grid, per_token)
     return chosen
+
+
+def _smooth_layer(m: torch.nn.Module, rows: list[torch.Tensor], grid: tuple[float, ...], per_token: bool) -> float:
+    """Pick this layer's alpha from its sampled inputs and smooth it (weights must be resident)."""
+    from modelopt.torch.quantization.model_calib import apply_pre_quant_scale_and_smooth
+
+    act_amax = m.input_quantizer.amax.float().flatten()
+    w = m.weight.float()
+    x = torch.cat(rows).to(w.device)
+    errors = {a: layer_error(x, w, act_amax.to(w.device), a, per_token) for a in grid}
+    alpha = min(errors, key=errors.get)
+    # The rest mirrors modelopt.torch.quantization.model_calib.smoothquant's postprocess, with this alpha.
+    scale = (w.abs().amax(dim=0, keepdim=True).pow(1 - alpha) / act_amax.pow(alpha)).squeeze()
+    scale[act_amax <= 1.0 / (1 << 31)] = 1
+    scale = scale.clamp(min=1e-4, max=1e4)
+    q = m.input_quantizer
+    q._amax_for_smoothing = act_amax.cpu()
+    q.reset_amax()
+    q.axis = None
+    q.amax = act_amax.amax().to(dtype=m.weight.dtype, device=m.weight.device)
+    apply_pre_quant_scale_and_smooth(m, scale)
+    return alpha

@@ -41,7 +41,7 @@ def test_run_folder_contract(runs):
     _, _, run = runs
     for rel in ["recipe.yaml", "manifest.json", "results.json", "summary.md", "eval/lm_eval.json",
                 "export/trtllm/config.json", "export/trtllm/rank0.safetensors", "export/hf/model.safetensors",
-                "export/hf/tokenizer.json", "build/plan.json", "build/build.sh", "quantize/modelopt_state.pth"]:
+                "export/hf/tokenizer.json", "build/plan.json", "build/build.sh", "quantize/quantizer_state.pth"]:
         assert (run / rel).is_file(), rel
     assert not list(run.rglob(".*partial*"))  # no temporary leftovers
     for p in (run / "export").rglob("*"):  # readable by the deployment team, not only by whoever ran it
