@@ -104,6 +104,8 @@ def out_of_memory(stage: str, what: str, exc: BaseException, fix: str) -> Resour
 
 
 OOM_FIX = {
+    "load": "set model.device_map: auto with model.max_memory below the free memory, so accelerate offloads the rest "
+            "to the CPU and disk",
     "quantize": "lower calibration.batch_size (or set it to auto), or set model.device_map: auto with model.max_memory "
                 "below the GPU's size so accelerate offloads part of the model",
     "export": "set model.device_map: auto with a lower model.max_memory so fewer weights stay on the GPU, or export "
@@ -118,15 +120,14 @@ def resource_errors(stage: str, where: Path | str, need_bytes: int | None = None
     through atomic writes and staging folders, so what was half-written is already gone when this raises."""
     try:
         yield
-    except QuantkitError as exc:
-        if exc.__cause__ is None or not (is_disk_full(exc.__cause__) or is_out_of_memory(exc.__cause__)):
-            raise
-        raise (disk_full(stage, str(where), need_bytes) if is_disk_full(exc.__cause__) else
-               out_of_memory(stage, f"writing '{where}'", exc.__cause__, OOM_FIX[stage])) from exc.__cause__
+    except ResourceError:
+        raise  # already one paragraph (quantize names its batch)
     except Exception as exc:  # re-raised below unless it is a full disk or an out-of-memory
-        if is_disk_full(exc):
-            raise disk_full(stage, str(where), need_bytes) from exc
-        if is_out_of_memory(exc):
-            raise out_of_memory(stage, f"writing '{where}'" if stage != "evaluate" else "evaluating", exc,
-                                OOM_FIX.get(stage, "free memory on the device")) from exc
+        # QuantkitErrors that wrap one (the TensorRT-LLM export wraps every exception) are judged by their cause.
+        cause = exc.__cause__ if isinstance(exc, QuantkitError) else exc
+        if cause is not None and is_disk_full(cause):
+            raise disk_full(stage, str(where), need_bytes) from cause
+        if cause is not None and is_out_of_memory(cause):
+            what = {"evaluate": "evaluating", "load": "loading the model"}.get(stage, f"writing '{where}'")
+            raise out_of_memory(stage, what, cause, OOM_FIX.get(stage, "free memory on the device")) from cause
         raise

@@ -212,10 +212,11 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
         if eval_pending or export_pending:
             log.info("loading %s (%s), device_map %s", m.source, m.dtype,
                      m.device_map or ("auto" if m.max_memory else device))
-            if cache is not None:
-                model, tokenizer = cache.load_model(recipe, device, offload_folder)
-            else:
-                model, tokenizer = _load(recipe, device, offload_folder)
+            with resource_errors("load", offload_folder):
+                if cache is not None:
+                    model, tokenizer = cache.load_model(recipe, device, offload_folder)
+                else:
+                    model, tokenizer = _load(recipe, device, offload_folder)
             if resumable:
                 log.info("[quantize] restoring the quantized model from %s (calibration skipped)", state_path)
                 model, _ = resume.restore(model, state_path)

@@ -337,3 +337,23 @@ def test_batch_size_auto(calib_ids):
     assert resolve_batch_size(model, big, section).batch_size == CPU_AUTO_BATCH
     small = CalibrationSet(calib_ids[:3], "auto", "x")
     assert resolve_batch_size(model, small, section).batch_size == 3
+
+
+def test_resource_errors_name_the_stage_and_pass_other_errors_through():
+    """torch.save's full-disk traceback (the issue's `basic_ios::clear: iostream error`) and a CUDA OOM wrapped by
+    the TensorRT-LLM export's own error become one paragraph; anything else is not disguised."""
+    from quantkit.errors import QuantkitError, ResourceError, resource_errors
+
+    disk = pytest.raises(ResourceError, match=r"^quantize: the quantize stage ran out of disk space writing to 's'")
+    with disk, resource_errors("quantize", "s"):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 "
+                           "basic_ios::clear: iostream error")
+    oom = pytest.raises(ResourceError, match=r"^export: the export stage ran out of memory writing 't'.*Fix: set "
+                                             r"model.device_map: auto")
+    with oom, resource_errors("export", "t"):
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        except RuntimeError as exc:
+            raise QuantkitError("TensorRT-LLM export failed for llama", where="export.trtllm") from exc
+    with pytest.raises(ValueError, match="not a resource problem"), resource_errors("export", "t"):
+        raise ValueError("not a resource problem")
