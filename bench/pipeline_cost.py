@@ -16,7 +16,8 @@ exporter needs every weight resident: quantkit materializes the whole model for 
     python3 bench/pipeline_cost.py --methods fp8 int8_sq int4_awq w4a8_awq nvfp4 [--layers 32]
         [--max-memory-gib 8] [--json out.json] [--workdir /tmp/qk-cost] [--samples 128] [--seq 512]
 
-`--json` merges into an existing file, so the methods can be split over several calls (10 min each).
+`--json` merges into an existing file, so methods (and, with `--jobs`, the two sides of one method) can be split
+over several calls of at most 10 minutes each.
 """
 
 from __future__ import annotations
@@ -256,7 +257,9 @@ def main() -> None:
     ap.add_argument("--offload-trtllm", action="store_true")
     ap.add_argument("--workdir", default="/tmp/qk-cost")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per job")
+    ap.add_argument("--timeout", type=int, default=540, help="seconds per job")
+    ap.add_argument("--jobs", nargs="+", default=["quantkit", "direct"], choices=["quantkit", "direct"],
+                    help="run only one side (int4_awq with awq_clip needs a call per side); --json merges them")
     ap.add_argument("--job", choices=["quantkit", "direct"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -291,8 +294,8 @@ def main() -> None:
         [(m, True) for m in args.methods] if args.max_memory_gib else [])
     for method, offload in variants:
         key = f"{method} @{args.max_memory_gib:g}GiB" if offload else method
-        pair = {}
-        for job in ("quantkit", "direct"):
+        pair = results["rows"].get(key, {})
+        for job in args.jobs:
             shutil.rmtree(work / "runs", ignore_errors=True)  # disk: 64 GB on the device
             shutil.rmtree(work / "direct", ignore_errors=True)
             pair[job] = child(args, job, method, offload, args.timeout)

@@ -2,7 +2,8 @@
 
 A rerun (other evaluation tasks, a crash after calibration) reloads the source weights and restores onto them:
 - ModelOpt's own state (`mto.modelopt_state`: which quantizers exist and how they are configured),
-- every quantizer's tensors (amax, pre-quant scales, ...; `get_quantizer_state_dict`) and the tensor attributes
+- every quantizer's tensors (amax, pre-quant scales, ...; `get_quantizer_state_dict`; block-wise and per-channel
+  weight amax as one-byte codes over the weights' block maxima, see `_encode_amax`) and the tensor attributes
   ModelOpt keeps outside the state dict (`_amax_for_smoothing`, read again when fused layers are re-smoothed),
 - the calibration's in-place weight edits. SmoothQuant and AWQ-lite fold a per-input-channel scale into the
   weight (`model_calib._apply_weight_pre_quant_scale`, the only place ModelOpt 0.47's calibration writes
@@ -66,14 +67,70 @@ def weight_checksums(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def _block_max(weight: torch.Tensor, amax: torch.Tensor) -> torch.Tensor | None:
+    """Each block's absolute maximum, in amax's shape and dtype: what max calibration finds for block-wise and
+    per-channel weight amax (row-major blocks of weight.numel() / amax.numel() elements). None if it cannot apply."""
+    if weight.is_meta or amax.numel() <= 1 or weight.numel() % amax.numel():
+        return None
+    block = weight.numel() // amax.numel()
+    w = weight.detach().reshape(-1, block).to(amax.device)
+    return w.abs().amax(dim=-1).to(amax.dtype).reshape(amax.shape)
+
+
+def _encode_amax(amax: torch.Tensor, derived: torch.Tensor) -> dict:
+    """Weight amax as codes over the block maxima: 0 = the block max itself (max calibration, AWQ-lite), k = the
+    block max times ratios[k-1] (AWQ-clip's shrink grid, found from the data and verified bit for bit); values that
+    fit neither are stored as they are. An 8B model's block amax shrink from 4 bytes to 1 per block."""
+    codes = torch.zeros(amax.shape, dtype=torch.uint8, device=amax.device)
+    done = amax == derived
+    ratios: list[float] = []
+    if not bool(done.all()):
+        cand = torch.unique(torch.round((amax[~done] / derived[~done]).double() * 100) / 100).tolist()
+        for r in [c for c in cand if 0 < c < 1][:254]:
+            hit = ~done & ((derived * r) == amax)
+            if bool(hit.any()):
+                ratios.append(r)
+                codes[hit] = len(ratios)
+                done |= hit
+    rest = (~done).flatten().nonzero().flatten()
+    return {"codes": codes.cpu() if ratios else None, "ratios": ratios, "rest_idx": rest.cpu(),
+            "rest": amax.flatten()[rest].cpu(), "shape": tuple(amax.shape), "dtype": amax.dtype}
+
+
+def _decode_amax(spec: dict, derived: torch.Tensor) -> torch.Tensor:
+    amax = derived.clone()
+    if spec["codes"] is not None:
+        codes = spec["codes"].to(derived.device)
+        for k, r in enumerate(spec["ratios"], 1):
+            hit = codes == k
+            amax[hit] = (derived * r)[hit]
+    flat = amax.view(-1)
+    flat[spec["rest_idx"].to(flat.device)] = spec["rest"].to(flat.device, flat.dtype)
+    return amax
+
+
+def _owner_weight(modules: dict, quantizer_name: str) -> torch.Tensor | None:
+    owner, sep, _ = quantizer_name.rpartition(".weight_quantizer")
+    return getattr(modules.get(owner), "weight", None) if sep else None
+
+
 def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], extra: dict | None = None) -> bytes:
     """Serialize the resume state of a just-calibrated model."""
     import modelopt.torch.opt as mto
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.utils import get_quantizer_state_dict
 
-    quantizers = {name: {k: v.detach().cpu() for k, v in sd.items()}
-                  for name, sd in get_quantizer_state_dict(model).items()}
+    modules = dict(model.named_modules())
+    quantizers, derived_amax = {}, {}
+    for name, sd in get_quantizer_state_dict(model).items():
+        sd = dict(sd)
+        weight = _owner_weight(modules, name)
+        amax = sd.get("_amax")
+        derived = _block_max(weight, amax) if weight is not None and isinstance(amax, torch.Tensor) else None
+        if derived is not None:
+            derived_amax[name] = _encode_amax(amax.detach(), derived)
+            del sd["_amax"]
+        quantizers[name] = {k: v.detach().cpu() for k, v in sd.items()}
     attrs = {}
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer):
@@ -82,7 +139,8 @@ def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], e
             if found:
                 attrs[name] = found
     state = {"format": FORMAT, "modelopt_state": mto.modelopt_state(model), "quantizers": quantizers,
-             "attrs": attrs, "folds": folds, "checksums": weight_checksums(model), "extra": extra or {}}
+             "derived_amax": derived_amax, "attrs": attrs, "folds": folds, "checksums": weight_checksums(model),
+             "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -99,16 +157,23 @@ def restore(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, dict]:
         raise QuantkitError(f"resume state '{path}' has format {state.get('format')}, this quantkit reads {FORMAT}",
                             where=str(path), fix="rerun with --force to calibrate again")
     model = mto.restore_from_modelopt_state(model, state["modelopt_state"])
-    set_quantizer_state_dict(model, state["quantizers"])
     modules = dict(model.named_modules())
-    for name, attrs in state["attrs"].items():
-        for attr, value in attrs.items():
-            setattr(modules[name], attr, value)
     with torch.no_grad():
-        for name, scale in state["folds"]:
+        for name, scale in state["folds"]:  # first: derived amax are block maxima of the folded weights
             linear = modules[name]
             with enable_weight_access_and_writeback(linear, model, modules):
                 _fold(linear, scale)
+        quantizers = state["quantizers"]
+        for name, spec in state["derived_amax"].items():
+            owner = modules[name.rpartition(".weight_quantizer")[0]]
+            with enable_weight_access_and_writeback(owner, model, modules, writeback=False):  # offloaded: load it
+                like = torch.empty(spec["shape"], dtype=spec["dtype"], device=owner.weight.device)
+                amax = _decode_amax(spec, _block_max(owner.weight, like))
+            quantizers[name] = {**quantizers[name], "_amax": amax}
+    set_quantizer_state_dict(model, quantizers)
+    for name, attrs in state["attrs"].items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, value)
     got = weight_checksums(model)
     bad = [n for n, want in state["checksums"].items() if n in got and got[n] != want]
     if bad:
