@@ -357,3 +357,28 @@ def test_resource_errors_name_the_stage_and_pass_other_errors_through():
             raise QuantkitError("TensorRT-LLM export failed for llama", where="export.trtllm") from exc
     with pytest.raises(ValueError, match="not a resource problem"), resource_errors("export", "t"):
         raise ValueError("not a resource problem")
+
+
+def test_resume_state_of_awq_clip_costs_one_byte_per_block(tmp_path):
+    """awq_clip's searched block amax are stored as one-byte codes (block max x a shrink ratio), not 4-byte floats;
+    beyond that the state holds a fixed ~1.5 KB per quantizer. At Llama-3.1-8B shapes, block 128: 5.5e7 blocks +
+    ~700 quantizers = ~56 MB against a ~5.7 GB TensorRT-LLM checkpoint, 1%."""
+    import io
+
+    from quantkit import resume
+    from quantkit.quantize import quantize_model
+
+    model = make_tiny_llama(hidden=128, vocab=512).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    with resume.record_weight_folds(model) as folds:
+        quantize_model(model, QuantizeSection(method="int4_awq", block_size=64), CalibrationSet(ids, 2, "x"))
+    blob = resume.state_bytes(model, folds)
+    state = torch.load(io.BytesIO(blob), weights_only=False)
+    specs = state["derived_amax"]
+    blocks = sum(torch.Size(s["shape"]).numel() for s in specs.values())
+    assert blocks == sum(m.weight.numel() for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and "lm_head" not in n) // 64
+    assert any(s["ratios"] for s in specs.values())  # clipped blocks exist, and are coded
+    coded = sum((s["codes"].numel() if s["codes"] is not None else 0) + 4 * s["rest"].numel() for s in specs.values())
+    assert coded <= 1.05 * blocks
+    assert len(blob) <= coded + 1536 * len(state["quantizers"])
