@@ -1,18 +1,11 @@
 #!/usr/bin/env bash
-# Device-side driver for the GPU machine (no package registry there): unpack the wheels carried in .wheels/
-# (nvidia-modelopt 0.47 and what it needs that the image lacks, transformers 5.14.1 + tokenizers 0.22.2 to match
-# the tested pins), then run the named steps, logs under $OUT.
+# Device-side driver for the GPU machine (no package registry there): stage what was carried (bench/gpu_stage.sh),
+# then run the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh env tests kernels smoke full
-# Wheels are unpacked with zipfile (pure unzip, no pip needed); /tmp/site goes first on PYTHONPATH.
 set -o pipefail
 OUT=${OUT:-/tmp/qk-out}
 mkdir -p "$OUT"
-python3 - <<'EOF' || exit 1
-import glob, zipfile
-for w in sorted(glob.glob(".wheels/*.whl")):
-    zipfile.ZipFile(w).extractall("/tmp/site")
-EOF
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_stage.sh  # wheels and data carried in .whl/ and .gpu/ -> /tmp/site
 for step in "$@"; do
   echo "=== $step"
   case $step in
