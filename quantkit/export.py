@@ -55,9 +55,18 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     deployed engine. Both ModelOpt exporters re-balance them (`requantize_resmooth_fused_llm_layers`), the HF
     one on its own copy: doing it once here, in place, means the evaluated model is the shipped model.
     """
+    from unittest import mock
+
+    from modelopt.torch.export import unified_export_hf
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
-    with _quiet(), torch.no_grad():
+    # AWQ: the function also folds the shared pre-quant scale of q/k/v and gate/up into the preceding norm and
+    # deletes it from those linears. Done in place, the TensorRT-LLM exporter then writes no
+    # prequant_scaling_factor for qkv/fc/gate while config.json says pre_quant_scale: true, and TensorRT-LLM's
+    # WeightOnlyGroupwiseQuantLinear requires one on every linear (issue 12). Re-share, do not fold: the HF
+    # exporter folds on its own copy, which computes the same thing.
+    with _quiet(), torch.no_grad(), mock.patch.object(unified_export_hf, "fuse_prequant_layernorm",
+                                                      lambda *_a, **_k: None):
         requantize_resmooth_fused_llm_layers(model)
     return model
 
