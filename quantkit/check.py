@@ -507,7 +507,7 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
         except (HeaderError, OSError) as exc:
             chk.add(name, "safetensors.header", str(exc))
             continue
-        layers |= _layers_present(tensors)
+        layers |= _global_layers(_layers_present(tensors), config, int(re.sub(r"\D", "", name)) // tp, pp)
         chk.check_modules(tensors, path, quant_algo=algo, rules=TRTLLM_RULES,
                           scale_suffixes=TRTLLM_SCALE_SUFFIXES + TRTLLM_KV_SUFFIXES, group=group, exclude=exclude,
                           pre_quant_required=pre_quant, float_dtype=float_dtype, source=SRC_TRT)
@@ -520,6 +520,17 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
                 f"config has {n_layers} layers; tensors of layers {missing[:10]} are missing"
                 if missing else f"tensors of layers beyond num_hidden_layers={n_layers}: {sorted(layers)[-3:]}")
     return chk.violations
+
+
+def _global_layers(local: set[int], config: dict, pp_rank: int, pp: int) -> set[int]:
+    """Rank files number their layers from 0; map them to the model's (trtllm_layout.pp_layers)."""
+    n_layers = config.get("num_hidden_layers")
+    if pp == 1 or not isinstance(n_layers, int):
+        return local
+    from quantkit.trtllm_layout import pp_layers
+
+    ids = pp_layers(n_layers, pp, pp_rank)
+    return {ids[i] if i < len(ids) else n_layers + i for i in local}
 
 
 def _check_trtllm_norms(chk: _Checker, tensors: dict[str, TensorInfo], lay: Layout | None) -> None:

@@ -91,7 +91,23 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
         _label_per_token_smoothquant(tmp / "config.json", "quantization", "rank*.safetensors",
                                      ".activation_scaling_factor")
         to_trtllm_layout(tmp)
+        _write_rope(tmp / "config.json", model.config)
     return target
+
+
+def _write_rope(config_path: Path, hf_config) -> None:
+    """ModelOpt 0.47 under transformers 5 writes neither rotary_base nor rotary_scaling (transformers 5 keeps them in
+    config.rope_parameters), so TensorRT-LLM would run Llama-3.1 with its default base 10000 and no llama3 scaling.
+    Write them as TensorRT-LLM's LLaMAConfig.from_hugging_face reads them (rope_theta, rope_scaling)."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", None))
+    cfg = json.loads(config_path.read_text())
+    if theta is not None and "rotary_base" not in cfg:
+        cfg["rotary_base"] = float(theta)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default" and not cfg.get("rotary_scaling"):
+        cfg["rotary_scaling"] = {"type": rope_type, **rope}
+    config_path.write_text(json.dumps(cfg, indent=4))
 
 
 def to_trtllm_layout(folder: Path) -> None:

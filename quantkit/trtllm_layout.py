@@ -190,6 +190,14 @@ KV_SCALE = "kv_cache_scaling_factor"
 KV_PAIR = ("k_cache_scaling_factor", "v_cache_scaling_factor")
 
 
+def pp_layers(n_layers: int, pp_size: int, pp_rank: int) -> list[int]:
+    """Global indices of the layers pipeline rank `pp_rank` holds; rank files name them 0.. locally
+    (tensorrt_llm/mapping.py Mapping.pp_layers: contiguous, earlier ranks take the remainder)."""
+    base, extra = divmod(n_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return list(range(start, start + base + (pp_rank < extra)))
+
+
 def layout(quant_algo: str | None) -> Layout | None:
     return LAYOUTS.get(quant_algo) if quant_algo else None
 
