@@ -78,6 +78,8 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     info = arch_info(model.config.model_type)
+    # The plugin SmoothQuant and AWQ layouts need the fused layers' shared scales; a no-op after the pipeline's call.
+    prepare_for_deployment(model)
     with staging_dir(target) as tmp, _quiet():
         try:
             export_tensorrt_llm_checkpoint(model, decoder_type=info["trtllm_decoder_type"], dtype=DTYPES[dtype],

@@ -24,13 +24,13 @@ def teardown_module() -> None:
     shutil.rmtree(ROOT, ignore_errors=True)
 
 
-_QUANTIZED: dict[tuple, torch.nn.Module] = {}
+_QUANTIZED: dict[str, torch.nn.Module] = {}
 _EXPORTED: dict[tuple, Path] = {}
 
 
 def quantized(settings: dict) -> torch.nn.Module:
     """The fake-quantized model as the pipeline evaluates it (after prepare_for_deployment), cached."""
-    key = tuple(sorted(settings.items()))
+    key = repr(sorted(settings.items()))
     if key not in _QUANTIZED:
         from quantkit.calibration import CalibrationSet
         from quantkit.export import prepare_for_deployment
@@ -49,7 +49,7 @@ def pipeline_export(settings: dict, tp: int = 1, pp: int = 1) -> tuple[torch.nn.
     from quantkit.export import export_trtllm
 
     model = quantized(settings)
-    key = (tuple(sorted(settings.items())), tp, pp)
+    key = (repr(sorted(settings.items())), tp, pp)
     if key not in _EXPORTED:
         out = ROOT / f"{len(_EXPORTED)}"
         export_trtllm(model, out, dtype="float16", tp_size=tp, pp_size=pp)
@@ -253,3 +253,17 @@ def test_llama3_rope_reaches_the_checkpoint(tmp_path: Path) -> None:
     cfg.pop("rotary_scaling")
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
     assert rel_err(_logits(load_reference(tmp_path / "t"), ids), _logits(model, ids)) > 5 * WEIGHT_ONLY_BOUND
+
+
+def test_per_token_smoothquant_refuses_excluded_decoder_linears(tmp_path: Path) -> None:
+    """smooth_quantize_plugin swaps every decoder layer (no exclusion): a checkpoint with an excluded decoder
+    linear cannot be expressed in the plugin layout, and per-token activations have no static scales for the
+    non-plugin algo. One error, nothing written."""
+    from quantkit.errors import QuantkitError
+    from quantkit.export import export_trtllm
+
+    model = quantized({"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_token",
+                       "exclude": ["lm_head", "layers.1.mlp.down_proj"]})
+    with pytest.raises(QuantkitError, match=r"layers\.1\.mlp\.proj"):
+        export_trtllm(model, tmp_path / "t", dtype="float16")
+    assert list(tmp_path.iterdir()) == []
