@@ -64,6 +64,33 @@ NO_REDUCE_FUSION = {"DbrxForCausalLM", "BaichuanForCausalLM", "QWenForCausalLM",
 # PyTorch backend recipes (docs/source/features/quantization.md, 1.2.0rc6).
 PYTORCH_ALGOS = {None, "FP8", "FP8_BLOCK_SCALES", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "W4A16_AWQ", "W4A8_AWQ",
                  "W4A16_GPTQ", "W4A8_GPTQ", "W4A16_MXFP4", "W4A8_MXFP4_FP8"}
+# Which runtimes load the HF unified (ModelOpt) checkpoint of each quant_algo, from their documented format support;
+# the one home of this fact (the plan's hf_consumers and the model card read it). {hf} and {tp} are filled in.
+HF_CONSUMERS: tuple[dict[str, Any], ...] = (
+    {"runtime": "TensorRT-LLM PyTorch backend (>= 1.0; after 1.2 the only line: no engine build, no INT8 "
+                "SmoothQuant or INT8 weight-only)",
+     "algos": PYTORCH_ALGOS, "command": "trtllm-serve {hf} --backend pytorch --tp_size {tp}",
+     "source": "NVIDIA/TensorRT-LLM docs/source/features/quantization.md (PyTorch backend recipes)"},
+    {"runtime": "vLLM (quantization=modelopt)", "algos": {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"},
+     "command": "vllm serve {hf} --quantization modelopt --tensor-parallel-size {tp}",
+     "source": "vllm-project/vllm docs/features/quantization/modelopt.md (supported quant_algo: FP8, "
+               "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO; NVFP4 via modelopt_fp4)"},
+    {"runtime": "vLLM (quantization=modelopt_fp4)", "algos": {"NVFP4"},
+     "command": "vllm serve {hf} --quantization modelopt_fp4 --tensor-parallel-size {tp}",
+     "source": "vllm-project/vllm docs/features/quantization/modelopt.md"},
+    {"runtime": "SGLang (ModelOpt FP8 / NVFP4, detected from the checkpoint)", "algos": {"FP8", "NVFP4"},
+     "command": "python -m sglang.launch_server --model-path {hf} --tp {tp}",
+     "source": "docs.sglang.io advanced_features/quantization (pre-quantized ModelOpt checkpoints; no "
+               "--quantization flag for offline-quantized models)"},
+)
+
+
+def hf_consumers(algo: str | None, hf_path: str, tp: int) -> list[dict[str, str]]:
+    """The runtimes that load this HF checkpoint, with the command that serves it."""
+    return [{"runtime": c["runtime"], "command": c["command"].format(hf=hf_path, tp=tp), "source": c["source"]}
+            for c in HF_CONSUMERS if algo in c["algos"]]
+
+
 # ModelOpt support matrix (docs guides/0_support_matrix) and the TensorRT-LLM hardware matrix.
 GPU_NOTES = {
     "FP8": "FP8 needs Ada or Hopper (SM89+) or newer",
@@ -251,6 +278,11 @@ def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build
     elif algo and algo.startswith("W8A8_SQ"):
         notes.append("INT8 SmoothQuant: the TensorRT-LLM PyTorch backend does not support it; deploy the engines "
                      "(build/build.sh) with TensorRT-LLM <= 1.2.x")
+    consumers = hf_consumers(algo, str(hf_dir), tp) if hf_dir is not None else []
+    if hf_dir is not None and not consumers:
+        notes.append(f"No documented runtime loads the HF checkpoint of {algo} (TensorRT-LLM's PyTorch backend, "
+                     "vLLM and SGLang have no such recipe): serve the TensorRT-LLM engines (build/build.sh, "
+                     "TensorRT-LLM <= 1.2.x, the last line with engine builds)")
     if algo in GPU_NOTES:
         notes.append(GPU_NOTES[algo])
     if engine and engine["options"].get("use_fp8_context_fmha") == "enable":
@@ -270,6 +302,7 @@ def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build
                   "hf_checkpoint": str(hf_dir) if hf_dir else None, "engine_dir": str(engine_dir)},
         "engine": engine,
         "serve": serve,
+        "hf_consumers": consumers,
         "check": {"violations": len(checked), "first": [v.to_dict() for v in checked[:20]]},
         "notes": notes,
         "sources": [

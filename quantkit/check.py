@@ -38,6 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.trtllm_layout import (
+    ANY,
+    GROUP,
+    LAYOUTS,
+    PER_IN,
+    PER_OUT,
+    ROW_IN,
+    ROW_LINEARS,
+    ROW_OUT,
+    SCALAR,
+    Layout,
+    scale_suffixes,
+)
 
 # --------------------------------------------------------------------------- results
 
@@ -77,8 +90,7 @@ QUANT_ALGOS = {
 }
 KV_CACHE_ALGOS = {"FP8", "INT8", "NVFP4"}
 
-# Scale shapes, relative to the linear's logical [out, in]:
-SCALAR, PER_OUT, PER_IN, GROUP, ANY = "scalar", "per_out", "per_in", "group", "any"
+# Scale shapes, relative to the linear's logical [out, in] (one home: quantkit.trtllm_layout).
 
 
 @dataclass(frozen=True)
@@ -90,40 +102,23 @@ class AlgoRule:
     required: dict[str, str]  # scale suffix -> shape kind
     optional: dict[str, str] = field(default_factory=dict)
     writer: str = ""  # the ModelOpt method that writes this algo (for mismatch messages)
+    row_required: dict[str, str] = field(default_factory=dict)  # row linears (attention.dense, mlp.proj) only
+    float_weights: bool = False  # the runtime quantizes float weights itself at load (TensorRT-LLM W8A16)
+    source: str = ""  # where the rule comes from, when more precise than the format's source
 
 
-# TensorRT-LLM checkpoint names (modeling_utils.preprocess_perlayer_weights, quantization/layers.py).
-TRTLLM_RULES: dict[str, AlgoRule] = {
-    "FP8": AlgoRule(("F8_E4M3", "I8"), False,
-                    {"weights_scaling_factor": SCALAR, "activation_scaling_factor": SCALAR}, writer="fp8"),
-    "W8A8_SQ_PER_CHANNEL": AlgoRule(
-        ("I8",), False,
-        {"weights_scaling_factor": PER_OUT, "activation_scaling_factor": SCALAR, "prequant_scaling_factor": PER_IN},
-        writer="int8_sq"),
-    # Per-token dynamic activations: TensorRT-LLM's SmoothQuant plugin computes the activation scale per token,
-    # so there is no static activation_scaling_factor (quantization/layers.py SmoothQuantLinear, per_token).
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": AlgoRule(
-        ("I8",), False, {"weights_scaling_factor": PER_OUT, "prequant_scaling_factor": PER_IN},
-        writer="int8_sq (activations: per_token)"),
-    # FP8 rowwise: per-output-channel weight scale named per_channel_scale (ModelOpt postprocess for
-    # FP8_PER_CHANNEL_PER_TOKEN; TensorRT-LLM quantization/layers.py Fp8RowwiseLinear), activations per token.
-    "FP8_PER_CHANNEL_PER_TOKEN": AlgoRule(("F8_E4M3",), False, {"per_channel_scale": PER_OUT}, writer="fp8_pcpt"),
-    "W4A16_AWQ": AlgoRule(("I8",), True, {"weights_scaling_factor": GROUP},
-                          {"prequant_scaling_factor": PER_IN}, writer="int4_awq / int4_rtn"),
-    "W4A8_AWQ": AlgoRule(
-        ("I8",), True,
-        {"weights_scaling_factor": GROUP, "activation_scaling_factor": SCALAR, "weights_scaling_factor_2": SCALAR},
-        {"prequant_scaling_factor": PER_IN}, writer="w4a8_awq"),
-    "W8A16": AlgoRule(("I8",), False, {"weights_scaling_factor": PER_OUT}, writer="int8_wo"),
-    # NVFP4 needs a Blackwell-capable export to exercise; block-scale shapes are not checked.
-    "NVFP4": AlgoRule(("U8", "I8"), False,
-                      {"weights_scaling_factor": ANY, "weights_scaling_factor_2": SCALAR,
-                       "activation_scaling_factor": SCALAR}, writer="nvfp4"),
-}
-TRTLLM_SCALE_SUFFIXES = (
-    "weights_scaling_factor_2", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor",
-    "per_channel_scale", "act_scale", "smoother", "alpha", "zero",
-)
+def _rule_from_layout(lay: Layout) -> AlgoRule:
+    return AlgoRule(lay.weight.dtypes, lay.packed_int4, lay.required(row=False),
+                    {lay.pre_quant.name: lay.pre_quant.shape} if lay.pre_quant else {}, writer=lay.writer,
+                    row_required={p.name: p.shape for p in lay.row_params},
+                    float_weights=set(lay.weight.dtypes) <= FLOAT_DTYPES,
+                    source=f"{lay.column_class} / {lay.row_class}: "
+                    f"{lay.params[0].source if lay.params else lay.weight.source}")
+
+
+# TensorRT-LLM checkpoint names: derived from the one layout table (quantkit.trtllm_layout, cited per entry).
+TRTLLM_RULES: dict[str, AlgoRule] = {algo: _rule_from_layout(lay) for algo, lay in LAYOUTS.items()}
+TRTLLM_SCALE_SUFFIXES = (*scale_suffixes(), "act_scale", "alpha", "zero")
 TRTLLM_KV_SUFFIXES = ("kv_cache_scaling_factor", "k_cache_scaling_factor", "v_cache_scaling_factor",
                       "kv_cache_rcp_scaling_factor")
 
@@ -245,6 +240,10 @@ def _scale_shape_ok(kind: str, shape: tuple[int, ...], out: int, inp: int, group
         return None if shape in ((out,), (out, 1)) else f"[{out}] (one per output channel)"
     if kind == PER_IN:
         return None if numel == inp and len(shape) <= 2 else f"[{inp}] (one per input channel)"
+    if kind == ROW_OUT:
+        return None if shape == (1, out) else f"[1, {out}] (one per output channel, as a row)"
+    if kind == ROW_IN:
+        return None if shape == (1, inp) else f"[1, {inp}] (one per input channel, as a row)"
     if kind == GROUP:
         if not group or inp % group:
             return None  # reported by the group-size rule
@@ -350,6 +349,9 @@ class _Checker:
             else:
                 out, inp = rows, cols
             need = dict(rule.required)
+            if any(module.endswith("." + r) for r in ROW_LINEARS):
+                need.update(rule.row_required)
+            src = rule.source or source
             pre = {k: v for k, v in rule.optional.items() if "pre" in k} if pre_quant_required else {}
             need.update(pre)
             n_checked += 1
@@ -360,7 +362,7 @@ class _Checker:
                 elif sname is None:
                     self.add(f"{module}.{suffix}", "scale.missing",
                              f"{quant_algo} linear '{module}' has no {suffix}; TensorRT-LLM fails with "
-                             f"'Required but not provided tensors' ({source})")
+                             f"'Required but not provided tensors' ({src})")
             for suffix, sname in scales.items():
                 kind = need.get(suffix) or rule.optional.get(suffix)
                 if kind is None:
@@ -388,7 +390,7 @@ class _Checker:
                     self.add(name, "scale.missing", f"missing; {why}")
         if rule is not None and observed:
             wrong = {d for d in observed if d not in rule.weight_dtypes and d not in FLOAT_DTYPES}
-            if set(observed) <= FLOAT_DTYPES and sum(observed.values()) > 1:
+            if set(observed) <= FLOAT_DTYPES and sum(observed.values()) > 1 and not rule.float_weights:
                 self.add("quantization.quant_algo", "quant_algo.matches_tensors",
                          f"config says {quant_algo} but no linear is quantized ({', '.join(sorted(observed))} "
                          "weights only): an unquantized checkpoint with a quantized label (quant_algo should be null)")
@@ -505,11 +507,12 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
         except (HeaderError, OSError) as exc:
             chk.add(name, "safetensors.header", str(exc))
             continue
-        layers |= _layers_present(tensors)
+        layers |= _global_layers(_layers_present(tensors), config, int(re.sub(r"\D", "", name)) // tp, pp)
         chk.check_modules(tensors, path, quant_algo=algo, rules=TRTLLM_RULES,
                           scale_suffixes=TRTLLM_SCALE_SUFFIXES + TRTLLM_KV_SUFFIXES, group=group, exclude=exclude,
                           pre_quant_required=pre_quant, float_dtype=float_dtype, source=SRC_TRT)
         _check_trtllm_kv(chk, tensors, path, kv)
+        _check_trtllm_norms(chk, tensors, LAYOUTS.get(algo) if algo else None)
     n_layers = config.get("num_hidden_layers")
     if isinstance(n_layers, int) and layers and layers != set(range(n_layers)):
         missing = sorted(set(range(n_layers)) - layers)
@@ -517,6 +520,35 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
                 f"config has {n_layers} layers; tensors of layers {missing[:10]} are missing"
                 if missing else f"tensors of layers beyond num_hidden_layers={n_layers}: {sorted(layers)[-3:]}")
     return chk.violations
+
+
+def _global_layers(local: set[int], config: dict, pp_rank: int, pp: int) -> set[int]:
+    """Rank files number their layers from 0; map them to the model's (trtllm_layout.pp_layers)."""
+    n_layers = config.get("num_hidden_layers")
+    if pp == 1 or not isinstance(n_layers, int):
+        return local
+    from quantkit.trtllm_layout import pp_layers
+
+    ids = pp_layers(n_layers, pp, pp_rank)
+    return {ids[i] if i < len(ids) else n_layers + i for i in local}
+
+
+def _check_trtllm_norms(chk: _Checker, tensors: dict[str, TensorInfo], lay: Layout | None) -> None:
+    """Parameters the layout gives the decoder norms (SmoothQuantRmsNorm.scale_to_int for the plugin algos)."""
+    if lay is None or not lay.norm_params:
+        return
+    from quantkit.trtllm_layout import DECODER_NORMS
+
+    norms = sorted(n[: -len(".weight")] for n in tensors
+                   if ".layers." in n and any(n.endswith(f".{d}.weight") for d in DECODER_NORMS))
+    for norm in norms:
+        for p in lay.norm_params:
+            name = f"{norm}.{p.name}"
+            if name not in tensors:
+                chk.add(name, "scale.missing", f"{lay.norm_class} '{norm}' has no {p.name}; TensorRT-LLM fails with "
+                        f"'Required but not provided tensors' ({p.source})")
+            elif math.prod(tensors[name].shape) != 1:
+                chk.add(name, "scale.shape", f"shape {list(tensors[name].shape)}; expected [1] ({p.source})")
 
 
 def _check_trtllm_kv(chk: _Checker, tensors: dict[str, TensorInfo], path: Path, kv: str | None) -> None:

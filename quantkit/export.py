@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import io
 import json
 import logging
@@ -63,9 +64,18 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     deployed engine. Both ModelOpt exporters re-balance them (`requantize_resmooth_fused_llm_layers`), the HF
     one on its own copy: doing it once here, in place, means the evaluated model is the shipped model.
     """
+    from unittest import mock
+
+    from modelopt.torch.export import unified_export_hf
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
-    with _quiet(), torch.no_grad():
+    # AWQ: the function also folds the shared pre-quant scale of q/k/v and gate/up into the preceding norm and
+    # deletes it from those linears. Done in place, the TensorRT-LLM exporter then writes no
+    # prequant_scaling_factor for qkv/fc/gate while config.json says pre_quant_scale: true, and TensorRT-LLM's
+    # WeightOnlyGroupwiseQuantLinear requires one on every linear (issue 12). Re-share, do not fold: the HF
+    # exporter folds on its own copy, which computes the same thing.
+    with _quiet(), torch.no_grad(), mock.patch.object(unified_export_hf, "fuse_prequant_layernorm",
+                                                      lambda *_a, **_k: None):
         requantize_resmooth_fused_llm_layers(model)
     return model
 
@@ -156,6 +166,8 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     info = arch_info(model.config.model_type)
+    # The plugin SmoothQuant and AWQ layouts need the fused layers' shared scales; a no-op after the pipeline's call.
+    prepare_for_deployment(model)
     with staging_dir(target) as tmp, _quiet():
         try:
             export_tensorrt_llm_checkpoint(model, decoder_type=info["trtllm_decoder_type"], dtype=DTYPES[dtype],
@@ -168,7 +180,94 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
         _fix_pre_quant_flag(tmp)
         _label_per_token_smoothquant(tmp / "config.json", "quantization", "rank*.safetensors",
                                      ".activation_scaling_factor")
+        to_trtllm_layout(tmp)
+        _write_rope(tmp / "config.json", model.config)
     return target
+
+
+def _write_rope(config_path: Path, hf_config) -> None:
+    """ModelOpt 0.47 under transformers 5 writes neither rotary_base nor rotary_scaling (transformers 5 keeps them in
+    config.rope_parameters), so TensorRT-LLM would run Llama-3.1 with its default base 10000 and no llama3 scaling.
+    Write them as TensorRT-LLM's LLaMAConfig.from_hugging_face reads them (rope_theta, rope_scaling)."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", None))
+    cfg = json.loads(config_path.read_text())
+    if theta is not None and "rotary_base" not in cfg:
+        cfg["rotary_base"] = float(theta)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default" and not cfg.get("rotary_scaling"):
+        cfg["rotary_scaling"] = {"type": rope_type, **rope}
+    config_path.write_text(json.dumps(cfg, indent=4))
+
+
+def to_trtllm_layout(folder: Path) -> None:
+    """Rewrite ModelOpt's tensors into the layout TensorRT-LLM builds for the quant_algo (quantkit.trtllm_layout).
+
+    ModelOpt writes every SmoothQuant export in the non-plugin names (weights_scaling_factor,
+    prequant_scaling_factor) and INT8 weight-only as int8 + weights_scaling_factor; TensorRT-LLM's per-token
+    SmoothQuant plugin layers and its weight-only layers read other parameters (issue 12 defect 1).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.trtllm_layout import COLUMN_LINEARS, NORM_FEEDS, ROW_LINEARS
+
+    cfg = json.loads((folder / "config.json").read_text())
+    quant = cfg.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    if algo not in ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16"):
+        return
+    if algo == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN":
+        # smooth_quantize_plugin replaces every decoder layer whatever exclude_modules says.
+        names = [f"transformer.layers.{i}.{lin}" for i in range(int(cfg.get("num_hidden_layers", 0)))
+                 for lin in COLUMN_LINEARS + ROW_LINEARS]
+        hit = [p for p in quant.get("exclude_modules") or [] if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if hit:
+            raise QuantkitError(
+                f"per-token SmoothQuant with decoder linears excluded ({', '.join(sorted(set(hit)))}): TensorRT-LLM's "
+                "SmoothQuant plugin layers quantize every decoder layer and cannot leave one unquantized",
+                where="quantize.exclude", fix="exclude only lm_head, or use activations: per_tensor")
+    for shard in sorted(folder.glob("rank*.safetensors")):
+        t = load_file(str(shard))
+        if algo == "W8A16":
+            _weight_only_float(t, DTYPES[cfg["dtype"]])
+        else:
+            _smoothquant_plugin(t, shard.name, NORM_FEEDS, ROW_LINEARS)
+        save_file(t, str(shard), metadata={"format": "pt"})
+
+
+def _weight_only_float(t: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """W8A16: TensorRT-LLM quantizes float weights itself at load (weight_only_quantize_dict skips int8 ones and its
+    plugin needs its own interleaved layout); per-channel amax / 127 of w8 * s gives back ModelOpt's codes."""
+    for name in [n for n in t if n.endswith(".weights_scaling_factor")]:
+        module = name[: -len(".weights_scaling_factor")]
+        scale = t.pop(name).float()
+        t[f"{module}.weight"] = (t[f"{module}.weight"].float() * scale.reshape(-1, 1)).to(dtype)
+
+
+def _smoothquant_plugin(t: dict[str, torch.Tensor], shard: str, norm_feeds: dict[str, tuple[str, ...]],
+                        row_linears: tuple[str, ...]) -> None:
+    """Per-token SmoothQuant in the plugin layout, as TensorRT-LLM's models/llama/convert.py writes it for
+    --smoothquant --per_token --per_channel: the column linears' smoothing moves into their norm's weight, the row
+    linears' into `smoother` (their input is divided by it), weight scales become per_channel_scale [1, out], and
+    each decoder norm gets scale_to_int = 1.0."""
+    layers = sorted({n.split(".layers.")[0] + ".layers." + n.split(".layers.")[1].split(".")[0]
+                     for n in t if ".layers." in n})
+    for layer in layers:
+        for norm, linears in norm_feeds.items():
+            pqs = [t.pop(f"{layer}.{lin}.prequant_scaling_factor").float() for lin in linears]
+            if any(not torch.equal(p, pqs[0]) for p in pqs[1:]):
+                raise QuantkitError(
+                    f"{shard}: {', '.join(linears)} of {layer} have different pre-quant scales; the SmoothQuant "
+                    f"plugin folds one into {norm}", where="export.trtllm",
+                    fix="export through quantkit's pipeline (prepare_for_deployment re-shares them)")
+            w = t[f"{layer}.{norm}.weight"]
+            t[f"{layer}.{norm}.weight"] = (w.float() * pqs[0]).to(w.dtype)
+            t[f"{layer}.{norm}.scale_to_int"] = torch.ones(1, dtype=torch.float32)
+        for lin in row_linears:
+            pqs = t.pop(f"{layer}.{lin}.prequant_scaling_factor").float()
+            t[f"{layer}.{lin}.smoother"] = (1.0 / pqs).reshape(1, -1).contiguous()
+        for name in [n for n in t if n.startswith(layer + ".") and n.endswith(".weights_scaling_factor")]:
+            t[name.replace(".weights_scaling_factor", ".per_channel_scale")] = t.pop(name).float().reshape(1, -1)
 
 
 def _label_per_token_smoothquant(config_path: Path, key: str, shards: str, act_suffix: str) -> None:

@@ -221,6 +221,14 @@ def render_model_card(bundle: Path, recipe: dict, results: dict | None, plan: di
                     " ".join(argv or []), "```", "",
                     "or in Python: `from tensorrt_llm import LLM; LLM(model='checkpoints/hf', tensor_parallel_size="
                     f"{plan['mapping']['tp_size']}).generate('Hello')`.", ""]
+        consumers = plan.get("hf_consumers") or []
+        if consumers:
+            from quantkit.build import hf_consumers
+
+            out += ["Runtimes that load the HF checkpoint (`checkpoints/hf`), per their documented formats:", ""]
+            for c in hf_consumers(plan["quant_algo"], "checkpoints/hf", plan["mapping"]["tp_size"]):
+                out += [f"- {c['runtime']}: `{c['command']}` ({c['source']})"]
+            out.append("")
         for note in plan.get("notes", []):
             out.append(f"- {note}")
     else:

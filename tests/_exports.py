@@ -50,7 +50,7 @@ def export(variant: str) -> Path:
     import torch
 
     from quantkit.calibration import CalibrationSet
-    from quantkit.export import export_hf, export_trtllm
+    from quantkit.export import export_hf, export_trtllm, prepare_for_deployment
     from quantkit.quantize import quantize_model
     from quantkit.recipe import QuantizeSection
 
@@ -58,6 +58,7 @@ def export(variant: str) -> Path:
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     model = quantize_model(model, QuantizeSection(**VARIANTS[variant]), CalibrationSet(ids, 4, "test"))
     out = ROOT / variant
+    prepare_for_deployment(model)  # as the pipeline does (without it CPU tests missed issue 12's AWQ defect)
     export_trtllm(model, out / "trtllm", dtype="float16")
     export_hf(model, out / "hf")
     _done[variant] = out

@@ -135,3 +135,30 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
     assert paths == {"trtllm_checkpoint": "export/trtllm", "hf_checkpoint": "export/hf", "engine_dir": "build/engines"}
     shutil.rmtree(run / "export")
     assert args.func(args) == 2 and "no export" in capsys.readouterr().err
+
+
+# Which runtime loads each method's HF checkpoint, from their documented formats (TensorRT-LLM
+# docs/source/features/quantization.md PyTorch recipes; vLLM docs/features/quantization/modelopt.md: FP8,
+# FP8_PER_CHANNEL_PER_TOKEN, NVFP4 via modelopt_fp4; SGLang's ModelOpt FP8 / NVFP4).
+CONSUMERS = {
+    "none": {"TensorRT-LLM"},
+    "int8_sq": set(),
+    "int8_sq_pt": set(),
+    "int4_awq": {"TensorRT-LLM"},
+    "int4_rtn": {"TensorRT-LLM"},
+    "w4a8_awq": {"TensorRT-LLM"},
+    "fp8": {"TensorRT-LLM", "vLLM", "SGLang"},
+}
+
+
+@pytest.mark.parametrize("variant", list(CONSUMERS))
+def test_hf_consumers_per_method(variant: str) -> None:
+    plan = make_build_plan(export(variant) / "trtllm", BuildSection())
+    runtimes = {c["runtime"].split()[0] for c in plan["hf_consumers"]}
+    assert runtimes == CONSUMERS[variant]
+    for c in plan["hf_consumers"]:
+        assert plan["paths"]["hf_checkpoint"] in c["command"]
+    if not runtimes:  # INT8 SmoothQuant: only the engine line serves it
+        assert any("No documented runtime loads the HF checkpoint" in n for n in plan["notes"])
+    if variant == "fp8":
+        assert any("--quantization modelopt" in c["command"] for c in plan["hf_consumers"])

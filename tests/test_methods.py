@@ -184,7 +184,8 @@ def test_per_token_smoothquant_exports_the_per_token_algo(tmp_path, calib_ids):
     assert trt_cfg["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
     trt = tensors(tmp_path / "trtllm" / "rank0.safetensors")
     assert not [k for k in trt if k.endswith("activation_scaling_factor")]  # scales come per token at run time
-    assert trt["transformer.layers.0.attention.dense.weights_scaling_factor"].shape == (128,)
+    # the plugin layout (quantkit.trtllm_layout): per_channel_scale [1, out], the row linear's smoother [1, in]
+    assert trt["transformer.layers.0.attention.dense.per_channel_scale"].shape == (1, 128)
     hf = tensors(tmp_path / "hf" / "model.safetensors")
     assert f"{LAYER}.input_scale" not in hf and hf[f"{LAYER}.weight"].dtype == torch.int8
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["quant_algo"] == \

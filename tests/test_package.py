@@ -88,3 +88,11 @@ def test_refuses_failing_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixtu
     args = parser.parse_args(["package", str(run), str(tmp_path / "bundle"), "--allow-violations"])
     assert args.func(args) == 0
     assert "FAILS with 1 violation" in (tmp_path / "bundle" / "README.md").read_text()
+
+
+def test_model_card_offers_only_runtimes_that_load_the_format(tmp_path: Path) -> None:
+    card = (package_run(make_run("fp8", tmp_path / "runs", results=RESULTS), tmp_path / "b1") / "README.md").read_text()
+    assert "vllm serve checkpoints/hf --quantization modelopt" in card and "sglang.launch_server" in card
+    card = (package_run(make_run("int4_awq", tmp_path / "runs2", results=RESULTS), tmp_path / "b2")
+            / "README.md").read_text()
+    assert "vllm serve" not in card and "trtllm-serve checkpoints/hf --backend pytorch" in card
