@@ -1,7 +1,7 @@
 """Every method through `quantkit run` on a Llama-3.1-8B-shaped model (random bf16 weights, fewer layers), then:
 both checkpoints through `quantkit check`, and the TensorRT-LLM checkpoint run through quantkit.trtllm_reference
 (TensorRT-LLM's layer arithmetic, ranks merged) against the fake-quantized model the run evaluated (restored from
-the run folder's modelopt_state.pth and re-shared as the pipeline does). Prints one table.
+the run folder's quantizer_state.pth and re-shared as the pipeline does). Prints one table.
 
     python3 bench/trtllm_repro.py [--methods fp8,...] [--layers 4] [--mappings 1x1,2x1,1x2] [--workdir /tmp/qk-repro]
         [--json out.json] [--tiny]
@@ -75,11 +75,11 @@ def recipe(model_dir: Path, name: str, tp: int, pp: int, tiny: bool) -> str:
         q["smoothquant_alpha"] = 0.5  # the auto search is minutes at 8B; the layout does not depend on alpha
     return json.dumps({
         "metadata": {"name": f"repro-{name}-tp{tp}pp{pp}", "description": "issue 12 reproduction"},
-        "model": {"source": str(model_dir), "dtype": "bfloat16"},
+        "model": {"source": str(model_dir), "dtype": "float32"},
         "quantize": q,
         "calibration": {"dataset": "builtin:wiki", "n_samples": 8 if tiny else 16, "seq_len": 128 if tiny else 256,
                         "batch_size": 4, "seed": 1},
-        "export": {"trtllm": {"tp_size": tp, "pp_size": pp, "dtype": "bfloat16"}, "hf": True},
+        "export": {"trtllm": {"tp_size": tp, "pp_size": pp, "dtype": "float16"}, "hf": True},
         "build": {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 1152},
         "evaluate": {"tasks": []},
     })
@@ -88,19 +88,22 @@ def recipe(model_dir: Path, name: str, tp: int, pp: int, tiny: bool) -> str:
 def reproduce(model_dir: Path, run: Path, dev: str, mappings: list[tuple[int, int]], name: str) -> list[dict]:
     """The run's fake-quantized model against its TensorRT-LLM checkpoint through the reference; the other
     mappings are exported from the same restored model (export_trtllm, as the pipeline calls it) and checked."""
-    import modelopt.torch.opt as mto
     from _runtime_helpers import rel_err
     from transformers import AutoModelForCausalLM
 
+    from quantkit import resume
     from quantkit.check import check_checkpoint
-    from quantkit.export import export_trtllm, prepare_for_deployment
+    from quantkit.export import export_trtllm, prepare_for_deployment, share_fused_scales
     from quantkit.trtllm_reference import load_reference
 
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2)).to(dev)
-    fake = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
-    state = run / "quantize" / "modelopt_state.pth"
+    # As the pipeline's rerun does: source weights in the run's dtype (float32, as tests/test_trtllm_reference.py, so
+    # the bounds measure the checkpoint, not bf16 rounding), the small resume state, the same re-sharing.
+    fake = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=dev).eval()
+    state = run / "quantize" / "quantizer_state.pth"
     if state.is_file():
-        fake = prepare_for_deployment(mto.restore(fake, str(state)))
+        fake, _ = resume.restore(fake, state)
+        fake = share_fused_scales(prepare_for_deployment(fake))
     with torch.no_grad():
         ref = fake(ids).logits.float()
     out = []
@@ -109,7 +112,7 @@ def reproduce(model_dir: Path, run: Path, dev: str, mappings: list[tuple[int, in
         ckpt = run / "export" / "trtllm"
         if (tp, pp) != (1, 1):
             ckpt = run / f"trtllm-tp{tp}pp{pp}"
-            export_trtllm(fake, ckpt, dtype="bfloat16", tp_size=tp, pp_size=pp)
+            export_trtllm(fake, ckpt, dtype="float16", tp_size=tp, pp_size=pp)
             row["ranks"] = len(list(ckpt.glob("rank*.safetensors")))
         row["trtllm_violations"] = len(check_checkpoint(ckpt))
         if name in BOUND:

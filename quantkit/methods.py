@@ -42,8 +42,9 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "int4_awq", "INT4 block-wise weights, AWQ scale search, 16-bit activations", "INT4_AWQ_CFG", True,
-            # awq_clip: best wiki perplexity at block 64 on SmolLM2 and no slower than awq_lite (eval/RESULTS.md).
-            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_clip"}, "W4A16_AWQ",
+            # awq_lite (ModelOpt's preset): at 8B awq_clip's clipping search costs minutes where awq_lite takes
+            # about one (eval/RESULTS.md "AWQ default at scale"); the SmolLM2 recipes pin awq_clip, better there.
+            _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A16_AWQ",
         ),
         Method(
             "int4_rtn", "INT4 block-wise weights, plain rounding (max calibration, no data): the floor for AWQ",
