@@ -6,8 +6,8 @@ the run folder's quantizer_state.pth and re-shared as the pipeline does). Prints
     python3 bench/trtllm_repro.py [--methods fp8,...] [--layers 4] [--mappings 1x1,2x1,1x2] [--workdir /tmp/qk-repro]
         [--json out.json] [--tiny]
 
-Bounds are tests/test_runtime.py's 16-bit bounds (weight-only 2e-3 as in tests/test_trtllm_reference.py). The
-reference has no NVFP4 path: nvfp4 is run and checked, its reproduction reported as "n/a".
+Bounds are tests/test_runtime.py's 16-bit bounds. The reference has no NVFP4 path: nvfp4 is run and checked, its
+reproduction reported as "n/a".
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ METHODS = {
     "int8_sq": {}, "int8_sq_static": {"method": "int8_sq", "activations": "per_tensor"},
     "int4_awq": {"awq_algorithm": "awq_lite"}, "int4_rtn": {}, "w4a8_awq": {}, "int8_wo": {}, "nvfp4": {},
 }
-BOUND = {"none": 2e-3, "int4_awq": 2e-3, "int4_rtn": 2e-3, "int8_wo": 2e-3, "int8_sq": 4e-2, "int8_sq_static": 4e-2,
-         "fp8": 8e-2, "fp8_kv": 8e-2, "fp8_pcpt": 8e-2, "w4a8_awq": 8e-2}
+# tests/test_runtime.py's 16-bit bounds (the one home); weight-only methods take its 2e-2 too: at 8B shapes the
+# float16 storage floor of tests/test_trtllm_reference.py's tiny model (2e-3) is not measured.
+from test_runtime import _CUDA_BOUND  # noqa: E402
+
+BOUND = {**_CUDA_BOUND, "none": 2e-2, "int8_sq_static": _CUDA_BOUND["int8_sq"]}
 
 
 def say(msg: str) -> None:
@@ -75,6 +78,7 @@ def recipe(model_dir: Path, name: str, tp: int, pp: int, tiny: bool) -> str:
         q["smoothquant_alpha"] = 0.5  # the auto search is minutes at 8B; the layout does not depend on alpha
     return json.dumps({
         "metadata": {"name": f"repro-{name}-tp{tp}pp{pp}", "description": "issue 12 reproduction"},
+        # float32 fake model, float16 checkpoint: the setup whose bounds the tests derive
         "model": {"source": str(model_dir), "dtype": "float32"},
         "quantize": q,
         "calibration": {"dataset": "builtin:wiki", "n_samples": 8 if tiny else 16, "seq_len": 128 if tiny else 256,

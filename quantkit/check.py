@@ -105,6 +105,7 @@ class AlgoRule:
     row_required: dict[str, str] = field(default_factory=dict)  # row linears (attention.dense, mlp.proj) only
     float_weights: bool = False  # the runtime quantizes float weights itself at load (TensorRT-LLM W8A16)
     source: str = ""  # where the rule comes from, when more precise than the format's source
+    scale_dtypes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per scale, where the runtime fixes it
 
 
 def _rule_from_layout(lay: Layout) -> AlgoRule:
@@ -112,6 +113,8 @@ def _rule_from_layout(lay: Layout) -> AlgoRule:
                     {lay.pre_quant.name: lay.pre_quant.shape} if lay.pre_quant else {}, writer=lay.writer,
                     row_required={p.name: p.shape for p in lay.row_params},
                     float_weights=set(lay.weight.dtypes) <= FLOAT_DTYPES,
+                    scale_dtypes={p.name: p.dtypes for p in (*lay.params, *lay.row_params,
+                                                             *([lay.pre_quant] if lay.pre_quant else []))},
                     source=f"{lay.column_class} / {lay.row_class}: "
                     f"{lay.params[0].source if lay.params else lay.weight.source}")
 
@@ -368,8 +371,10 @@ class _Checker:
                 if kind is None:
                     continue
                 sinfo = tensors[sname]
-                if sinfo.dtype not in SCALE_DTYPES:
-                    self.add(sname, "scale.dtype", f"scale stored as {sinfo.dtype}; scales are floating point")
+                if sinfo.dtype not in rule.scale_dtypes.get(suffix, SCALE_DTYPES):
+                    allowed = "/".join(rule.scale_dtypes.get(suffix, ())) or "floating point"
+                    self.add(sname, "scale.dtype", f"scale stored as {sinfo.dtype}; {quant_algo} reads {allowed} "
+                             f"({src})")
                     continue
                 expected = _scale_shape_ok(kind, sinfo.shape, out, inp, group)
                 if expected:

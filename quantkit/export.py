@@ -77,6 +77,7 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     with _quiet(), torch.no_grad(), mock.patch.object(unified_export_hf, "fuse_prequant_layernorm",
                                                       lambda *_a, **_k: None):
         requantize_resmooth_fused_llm_layers(model)
+        _share_kv_scale(model)
     return model
 
 
@@ -158,6 +159,20 @@ def materialized(model: torch.nn.Module):
             hook.offload = True
         for m, hook in loaded:
             hook.post_forward(m, None)
+
+
+def _share_kv_scale(model: torch.nn.Module) -> None:
+    """FP8 KV cache: TensorRT-LLM runs K and V with one scale per attention, max(k, v)
+    (modeling_utils.preprocess_weights.process_kv_scaling_factor), where ModelOpt calibrates one each. Evaluate
+    what TensorRT-LLM computes: both quantizers take the larger amax (a coarser step for the smaller of the two)."""
+    for module in model.modules():
+        k, v = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
+        if k is None or v is None or not (k.is_enabled and v.is_enabled):
+            continue
+        if getattr(k, "amax", None) is None or getattr(v, "amax", None) is None:
+            continue
+        shared = torch.maximum(k.amax, v.amax)
+        k.amax, v.amax = shared.clone(), shared.clone()
 
 
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,

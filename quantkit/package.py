@@ -231,6 +231,10 @@ def render_model_card(bundle: Path, recipe: dict, results: dict | None, plan: di
             out.append("")
         for note in plan.get("notes", []):
             out.append(f"- {note}")
+        if plan.get("engine"):
+            from quantkit.trtllm_layout import describe
+
+            out += ["", "### TensorRT-LLM layers of `checkpoints/trtllm`", "", *describe(plan["quant_algo"])]
     else:
         out.append("No build plan (no checkpoint to plan for).")
     out += ["", "## Tool versions", "", "| tool | version |", "|---|---|"]

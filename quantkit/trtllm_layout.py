@@ -19,7 +19,7 @@ row (split along `in`) `attention.dense` (o_proj), `mlp.proj` (down_proj). Norms
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Shape kinds (quantkit.check._scale_shape_ok turns them into numbers).
 SCALAR, PER_OUT, PER_IN, GROUP, ANY = "scalar", "per_out", "per_in", "group", "any"
@@ -61,7 +61,6 @@ class Layout:
     packed_int4: bool = False           # weight holds two int4 per byte along out: [out/2, in]
     builder: str = ""                   # TensorRT-LLM function that swaps the layers in
     writer: str = ""                    # the quantkit method that writes it (for mismatch messages)
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def required(self, row: bool) -> dict[str, str]:
         """Scale name -> shape kind every (column / row) linear must carry."""
@@ -138,12 +137,11 @@ LAYOUTS: dict[str, Layout] = {
                            "int8 x8 = round(x / (amax(row) / 127)) and the per-token scale",
                            f"{SRC_LAYERS} SmoothQuantRmsNorm.__init__; {SRC_LLAMA_CONVERT} get_tllm_linear_sq_weight "
                            "(results[last_prefix] = 1.0 when per_token)"),),
+        # exclude_modules is not honoured for the plugin layers (smooth_quantize_plugin swaps every decoder
+        # layer), so quantkit.export refuses per-token SQ with decoder linears excluded. No act_scale /
+        # quantization_scaling_factor: those exist only with static activation scaling (has_act_static_scaling).
         builder=f"{SRC_QUANTIZE} smooth_quantize_plugin (RmsNorm, Attention, GatedMLP replaced; ln_f kept)",
-        writer="int8_sq (activations: per_token)",
-        notes=("exclude_modules is not honoured for the plugin layers: every decoder layer is replaced "
-               "(smooth_quantize_plugin has no exclusion), so quantkit refuses per-token SQ with decoder "
-               "linears excluded", "no act_scale / quantization_scaling_factor: those exist only with static "
-               "activation scaling (has_act_static_scaling)")),
+        writer="int8_sq (activations: per_token)"),
     "W4A16_AWQ": Layout(
         "WeightOnlyGroupwiseQuantLinear", "WeightOnlyGroupwiseQuantRowLinear", "RmsNorm", _INT4_WEIGHT,
         (_GROUP_SCALE,), pre_quant=_PREQUANT_AWQ, packed_int4=True,
@@ -176,10 +174,12 @@ LAYOUTS: dict[str, Layout] = {
         "FP4Linear", "FP4RowLinear", "RmsNorm",
         Param("weight", "[out, in/2]", ("U8", "I8"), "two e2m1 codes per byte along in",
               f"{SRC_MODELING} preprocess_perlayer_weights (NVFP4)"),
-        (Param("weights_scaling_factor", ANY, ("F8_E4M3",), "per-16 block scales (e4m3); renamed "
+        # dtypes of the NVFP4 scales are not pinned: no CPU export exists to read them from (needs CUDA)
+        (Param("weights_scaling_factor", ANY, ("F8_E4M3", "F32", "F16", "BF16"), "per-16 block scales (e4m3); renamed "
                "weights_block_scaling_factor and interleaved at load", f"{SRC_MODELING} preprocess_perlayer_weights"),
-         Param("weights_scaling_factor_2", SCALAR, ("F32",), "global weight scale", f"{SRC_MODELING} (NVFP4)"),
-         Param("activation_scaling_factor", SCALAR, ("F32",), "global activation scale; alpha = act * w2",
+         Param("weights_scaling_factor_2", SCALAR, ("F32", "F16", "BF16"), "global weight scale",
+               f"{SRC_MODELING} (NVFP4)"),
+         Param("activation_scaling_factor", SCALAR, ("F32", "F16", "BF16"), "global activation scale; alpha = act * w2",
                f"{SRC_MODELING} (NVFP4)")),
         builder=f"{SRC_QUANTIZE} fp4_quantize", writer="nvfp4"),
 }
@@ -188,6 +188,23 @@ LAYOUTS: dict[str, Layout] = {
 # into one kv_cache_scaling_factor = max(k, v), used for both K and V; its reciprocal is added when absent.
 KV_SCALE = "kv_cache_scaling_factor"
 KV_PAIR = ("k_cache_scaling_factor", "v_cache_scaling_factor")
+
+
+def describe(quant_algo: str | None) -> list[str]:
+    """The layout of one quant_algo as markdown lines (the model card's 'TensorRT-LLM layers' section)."""
+    lay = layout(quant_algo)
+    if lay is None:
+        return [f"quant_algo {quant_algo}: plain Linear / RmsNorm layers (no quantization parameters)."]
+    out = [f"TensorRT-LLM builds {lay.column_class} for {', '.join(COLUMN_LINEARS)}, {lay.row_class} for "
+           f"{', '.join(ROW_LINEARS)} and {lay.norm_class} for {', '.join(DECODER_NORMS)} ({lay.builder}).", "",
+           "| module | parameter | shape | dtype | meaning | source |", "|---|---|---|---|---|---|"]
+    rows = [("every linear", p) for p in (lay.weight, *lay.params)] + [("row linears", p) for p in lay.row_params]
+    rows += [("decoder norms", p) for p in lay.norm_params]
+    if lay.pre_quant:
+        rows.append(("every linear, when pre_quant_scale is true", lay.pre_quant))
+    out += [f"| {where} | `{p.name}` | {p.shape} | {'/'.join(p.dtypes)} | {p.meaning} | {p.source} |"
+            for where, p in rows]
+    return out
 
 
 def pp_layers(n_layers: int, pp_size: int, pp_rank: int) -> list[int]:

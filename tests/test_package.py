@@ -96,3 +96,5 @@ def test_model_card_offers_only_runtimes_that_load_the_format(tmp_path: Path) ->
     card = (package_run(make_run("int4_awq", tmp_path / "runs2", results=RESULTS), tmp_path / "b2")
             / "README.md").read_text()
     assert "vllm serve" not in card and "trtllm-serve checkpoints/hf --backend pytorch" in card
+    # the layer table of the shipped TensorRT-LLM checkpoint (quantkit.trtllm_layout.describe)
+    assert "WeightOnlyGroupwiseQuantLinear" in card and "| every linear | `weights_scaling_factor` |" in card
