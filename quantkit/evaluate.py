@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -297,6 +298,12 @@ def _n_samples(out: dict[str, Any], name: str) -> int:
     return sum(_n_samples(out, child) for child in out.get("group_subtasks", {}).get(name, []))
 
 
+def _quiet_tqdm(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(iterable, *args, **{**kwargs, "disable": True})
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -331,6 +338,9 @@ def evaluate(
     manager = task_manager(include_path)
 
     import lm_eval
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
     if tokenizer.pad_token is None:
@@ -344,22 +354,29 @@ def evaluate(
     for name in names:
         opts = dict(settings.get(name) or {})
         start = time.perf_counter()
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[name],
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            num_fewshot=opts.get("num_fewshot"),
-            apply_chat_template=opts.get("apply_chat_template", False),
-            fewshot_as_multiturn=opts.get("fewshot_as_multiturn", bool(opts.get("apply_chat_template"))),
-            gen_kwargs=opts.get("gen_kwargs"),
-        )
+        # lm-eval asks `git describe` about the working directory (meaningless for an in-memory model; quantkit's
+        # manifest records the versions), which prints "fatal: not a git repository" outside a repository.
+        # Its per-document bars (building contexts, tokenizing) are switched off: the terminal keeps one bar per
+        # task, lm-eval's "Running ... requests".
+        with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
+                mock.patch.object(lm_eval.api.task, "tqdm", _quiet_tqdm), \
+                mock.patch.object(lm_eval.api.model, "tqdm", _quiet_tqdm):
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name],
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                num_fewshot=opts.get("num_fewshot"),
+                apply_chat_template=opts.get("apply_chat_template", False),
+                fewshot_as_multiturn=opts.get("fewshot_as_multiturn", bool(opts.get("apply_chat_template"))),
+                gen_kwargs=opts.get("gen_kwargs"),
+            )
         seconds[name] = round(time.perf_counter() - start, 2)
         results[name] = task_row(out, name)
         members = [t for t in out["results"] if t != name]
