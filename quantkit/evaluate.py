@@ -192,6 +192,7 @@ def prepare_tasks() -> Path:
 
 
 _MANAGERS: dict[tuple[str, ...], Any] = {}
+_RESOLVED: dict[tuple[int, str], list[str]] = {}  # (manager, task) -> leaf tasks, for tasks that loaded
 
 
 def task_manager(include_path: list[str] | tuple[str, ...] = ()) -> Any:
@@ -227,6 +228,9 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | tuple[str, ...] = 
     known = set(manager.all_tasks)
     leaves: dict[str, list[str]] = {}
     for name in dict.fromkeys(tasks):
+        if (id(manager), name) in _RESOLVED:  # preflight already loaded it in this process
+            leaves[name] = _RESOLVED[(id(manager), name)]
+            continue
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
@@ -239,14 +243,16 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | tuple[str, ...] = 
             loaded = manager.load([name])
         except Exception as exc:  # datasets/lm-eval raise many types; all mean "this task cannot load here"
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise QuantkitError(
-                f"evaluation task '{name}' cannot load its data here ({type(exc).__name__}: {first})",
-                where="evaluate.tasks",
-                fix=f"run once where the Hugging Face Hub is reachable (without HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) "
-                f"so `datasets` caches it, or copy the task's YAML into a folder of evaluate.include_path with "
-                f"dataset_path and data_files pointing at local files; quantkit's offline tasks need no network "
-                f"({', '.join(PACKAGED_TASKS)})") from exc
-        leaves[name] = sorted(loaded["tasks"])
+            if isinstance(exc, FileNotFoundError):  # a local data file the task's YAML names
+                fix = "create that file, or correct data_files in the task's YAML"
+            else:
+                fix = ("run once where the Hugging Face Hub is reachable (without HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) "
+                       "so `datasets` caches it, or copy the task's YAML into a folder of evaluate.include_path with "
+                       "dataset_path and data_files pointing at local files; quantkit's offline tasks need no "
+                       f"network ({', '.join(PACKAGED_TASKS)})")
+            raise QuantkitError(f"evaluation task '{name}' cannot load its data here ({type(exc).__name__}: {first})",
+                                where="evaluate.tasks", fix=fix) from exc
+        leaves[name] = _RESOLVED[(id(manager), name)] = sorted(loaded["tasks"])
     return leaves
 
 

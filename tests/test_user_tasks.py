@@ -109,7 +109,8 @@ def test_task_with_missing_data_fails_in_preflight(tmp_path, capsys, tiny_model_
     folder = task_folder(tmp_path, data_file=tmp_path / "not_there.jsonl")
     err = assert_preflight_error(capsys, tmp_path, recipe(tmp_path, "r", tiny_model_dir, "fp8",
                                                           f"{{tasks: [team_capitals], include_path: [{folder}]}}"))
-    assert "'team_capitals'" in err and "cannot load its data" in err and "Fix:" in err
+    assert "'team_capitals'" in err and "cannot load its data" in err and "not_there.jsonl" in err
+    assert "Fix: create that file, or correct data_files" in err
 
 
 def test_hub_task_offline_fails_in_preflight(tmp_path, capsys, tiny_model_dir, monkeypatch):
