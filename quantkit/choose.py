@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from quantkit.errors import QuantkitError
@@ -18,13 +19,17 @@ from quantkit.errors import QuantkitError
 BY = ("size", "speed")
 
 
-def lower_is_better(task: str, metric: str) -> bool:
-    from quantkit.report import PRIMARY_METRICS
+def lower_is_better(task: str, metric: str, runs: Iterable[dict] = ()) -> bool:
+    """The one home of a metric's direction: lm-eval's `higher_is_better` for that task, as the evaluate stage
+    recorded it in each run's metrics. Run folders written before it was recorded fall back to lm-eval's
+    registry of its built-in metrics (acc, perplexity, ...); a metric neither knows counts as higher-better."""
+    for run in runs:
+        recorded = ((run or {}).get("metrics", {}).get(task) or {}).get("higher_is_better")
+        if isinstance(recorded, dict) and metric in recorded:
+            return not recorded[metric]
+    from lm_eval.api.registry import is_higher_better
 
-    for name, lb in PRIMARY_METRICS.get(task, []):
-        if name == metric:
-            return lb
-    return "perplexity" in metric or metric in ("bits_per_byte", "loss")
+    return is_higher_better(metric) is False
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,21 @@ class Limit:
     value: float     # a fraction when relative (0.01 = 1%), else metric units
     relative: bool
     text: str        # as the user wrote it
+    lower: bool | None = None  # lower is better; set from the runs by `with_directions`
+
+    @property
+    def lower_better(self) -> bool:
+        return self.lower if self.lower is not None else lower_is_better(self.task, self.metric)
+
+    def with_directions(self, runs: Iterable[dict]) -> Limit:
+        return replace(self, lower=lower_is_better(self.task, self.metric, runs))
 
     @property
     def key(self) -> str:
         return f"{self.task}.{self.metric}"
 
     def describe(self) -> str:
-        lower = lower_is_better(self.task, self.metric)
+        lower = self.lower_better
         if self.relative:
             amount = f"{100 * self.value:g}% of the baseline"
         else:  # accuracies are fractions: say points
@@ -51,7 +64,7 @@ class Limit:
     def threshold(self, base: float) -> float:
         """The worst value still within the limit, given the baseline's value."""
         allowed = self.value * abs(base) if self.relative else self.value
-        return base + allowed if lower_is_better(self.task, self.metric) else base - allowed
+        return base + allowed if self.lower_better else base - allowed
 
 
 _LIMIT = re.compile(r"^\s*([\w-]+)\.([\w-]+)\s*[=:<]=?\s*\+?([0-9.]+(?:e-?\d+)?)\s*(%|pts?|points?)?\s*$")
@@ -98,7 +111,7 @@ class Loss:
             amount = f"{100 * self.relative:+.2f}%"
             noise = f" ± {100 * self.se / abs(self.base):.2f}%" if self.se else ""
         else:
-            scale, unit = (100, " pts") if not lower_is_better(limit.task, limit.metric) else (1, "")
+            scale, unit = (100, " pts") if not limit.lower_better else (1, "")
             amount = f"{scale * self.loss:+.3g}{unit}"
             noise = f" ± {scale * self.se:.3g}{unit}" if self.se else ""
         return f"{limit.key} loss {amount}{noise}"
@@ -110,7 +123,7 @@ def metric_loss(run: dict, baseline: dict, task: str, metric: str) -> Loss:
     value, base = got.get(metric), ref.get(metric)
     if value is None or base is None:
         return Loss(value, base, None, None, None)
-    loss = (value - base) if lower_is_better(task, metric) else (base - value)
+    loss = (value - base) if lower_is_better(task, metric, (run, baseline)) else (base - value)
     se_run, se_base = got.get(f"{metric}_stderr"), ref.get(f"{metric}_stderr")
     se = math.hypot(se_run, se_base) if se_run is not None and se_base is not None else None
     if run.get("run") == baseline.get("run"):
@@ -196,6 +209,7 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
     if limits and baseline is None:
         raise QuantkitError("an accuracy budget needs a baseline run (method none) to measure losses against",
                             where="choose", fix="add the baseline run folder, or pass --baseline RUN")
+    limits = [lim.with_directions([*runs, baseline]) for lim in limits]
     verdicts = []
     for run in runs:
         v = Verdict(run["run"], True, size=size_bytes(run), speed=decode_tok_s(run))

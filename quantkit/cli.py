@@ -35,6 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.output_dir = args.output_dir
+    args.run_dir = recipe.run_dir()  # where main() leaves the debug log
     with _located(recipe):
         run_dir = run_recipe(recipe, force=args.force, device=args.device)
     print((run_dir / "summary.md").read_text())
@@ -148,13 +149,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_LOG = "debug.log"  # in the run folder: everything the libraries said, which the terminal leaves out
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _Console(logging.Filter):
+    """The terminal shows quantkit's own lines; other libraries only when something failed (ERROR)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "quantkit" or record.levelno >= logging.ERROR
+
+
+class _ToDebugLog(logging.Filter):
+    """On a logger that prints through its own handler (DeepSpeed's goes to stdout, propagation off):
+    hand each record to the debug log instead."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.handler.handle(record)
+        return False
+
+
+def setup_logging(verbose: bool, quiet_libraries: bool) -> Path:
+    """Console: quantkit's stage lines (everything with -v). A temporary debug log gets every record, Python
+    warnings included; `run` moves it into the run folder. `quiet_libraries` (commands that load models) also
+    routes transformers' and datasets' own handlers and progress bars there, keeping one bar per long step
+    (calibration, lm-eval's requests). Safe to call again (tests call main() repeatedly)."""
+    import tempfile
+
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_quantkit", False)]:
+        root.removeHandler(h)
+        h.close()
+    deepspeed = logging.getLogger("DeepSpeed")
+    for f in [f for f in deepspeed.filters if isinstance(f, _ToDebugLog)]:
+        deepspeed.removeFilter(f)
+    fd, name = tempfile.mkstemp(prefix="quantkit-", suffix=".log")
+    os.close(fd)
+    debug = logging.FileHandler(name, encoding="utf-8")
+    debug.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        console.addFilter(_Console())
+    for h in (debug, console):
+        h._quantkit = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)  # transformers' and torch's deprecation warnings go to the log as well
+    deepspeed.addFilter(_ToDebugLog(debug))  # created later by `import deepspeed` (through ModelOpt)
+    if quiet_libraries:
+        import datasets.utils.logging as ds_logging
+        import transformers.utils.logging as tf_logging
+
+        tf_logging.disable_default_handler()
+        tf_logging.enable_propagation()
+        tf_logging.disable_progress_bar()  # weight loading and per-shard write bars
+        ds_logging.disable_progress_bar()  # "Generating test split", "Map"
+        datasets_root = logging.getLogger("datasets")
+        for h in [h for h in datasets_root.handlers if type(h) is logging.StreamHandler]:
+            datasets_root.removeHandler(h)  # its own stderr handler; records still propagate to the debug log
+        for lib in ("transformers", "datasets"):
+            logging.getLogger(lib).setLevel(logging.INFO)
+    return Path(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("modelopt", "transformers", "lm_eval", "datasets", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    debug_log = setup_logging(args.verbose, quiet_libraries=args.command in ("run", "validate", "sweep"))
     try:
         return args.func(args)
     except QuantkitError as exc:
@@ -163,6 +230,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quantkit: interrupted; finished stages are kept and the next run resumes after them", file=sys.stderr)
         return 130
+    finally:
+        _keep_debug_log(debug_log, getattr(args, "run_dir", None))
+
+
+def _keep_debug_log(path: Path, run_dir: Path | None) -> None:
+    """Into the run folder when the command made one; otherwise it was only scratch."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and getattr(h, "_quantkit", False)]:
+        root.removeHandler(h)
+        h.close()
+    deepspeed = logging.getLogger("DeepSpeed")
+    for f in [f for f in deepspeed.filters if isinstance(f, _ToDebugLog)]:
+        deepspeed.removeFilter(f)
+    try:
+        if run_dir is not None and Path(run_dir).is_dir():
+            from quantkit.runfolder import atomic_write_bytes
+
+            atomic_write_bytes(Path(run_dir) / DEBUG_LOG, path.read_bytes())
+    finally:
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import yaml
 from quantkit.errors import QuantkitError
 
 NOT_METRICS = {"n", "samples", "limit", "alias"}  # counts and labels that results.json keeps next to metrics
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 CHECKPOINTS = {"trtllm": "TensorRT-LLM checkpoint", "hf": "HF unified checkpoint (ModelOpt)"}
 VERSION_PACKAGES = ("quantkit", "nvidia-modelopt", "torch", "transformers", "safetensors", "lm-eval",
                     "tensorrt_llm")
@@ -109,6 +108,8 @@ def _metric_rows(results: dict | None) -> list[str]:
     baseline = results.get("baseline")
     if isinstance(baseline, dict) and isinstance(baseline.get("metrics"), dict):
         baseline = baseline["metrics"]
+    from quantkit.choose import lower_is_better
+
     rows = []
     for task, metrics in sorted(results["metrics"].items()):
         if not isinstance(metrics, dict):
@@ -117,7 +118,7 @@ def _metric_rows(results: dict | None) -> list[str]:
             if (metric.endswith("_stderr") or metric in NOT_METRICS or not isinstance(value, (int, float))
                     or isinstance(value, bool)):
                 continue
-            label = metric + (" ↓" if any(k in metric for k in LOWER_IS_BETTER) else "")
+            label = metric + (" ↓" if lower_is_better(task, metric, [results]) else "")
             err = metrics.get(f"{metric}_stderr")
             mine = _fmt(float(value)) + (f" ± {_fmt(float(err))}" if isinstance(err, (int, float)) else "")
             base = baseline.get(task, {}).get(metric) if isinstance(baseline, dict) and isinstance(

@@ -117,13 +117,11 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
     from transformers import AutoConfig
 
     from quantkit.archs import arch_info
-    from quantkit.evaluate import TASKS
+    from quantkit.evaluate import resolve_tasks
     from quantkit.models import resolve_model_path
 
-    unknown = [t for t in recipe.evaluate.tasks if t not in TASKS]
-    if unknown:
-        raise QuantkitError(f"unknown evaluation task(s) {unknown}", where="evaluate.tasks",
-                            fix=f"use tasks from: {', '.join(TASKS)}")
+    if recipe.evaluate.tasks:  # known names, data present offline or reachable
+        resolve_tasks(recipe.evaluate.tasks, recipe.evaluate.include_path)
     model_path = resolve_model_path(recipe.model.source)
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
@@ -335,9 +333,11 @@ def _evaluate_grouped(evaluate, model, tokenizer, recipe: Recipe) -> dict:
         groups.setdefault(ev.limits.get(task, ev.limit), []).append(task)
     merged: dict = {"tasks": {}}
     for limit, tasks in groups.items():
-        out = evaluate(model, tokenizer, tasks, limit=limit, batch_size=ev.batch_size, seed=recipe.calibration.seed)
-        merged["tasks"].update(out["tasks"])
-        merged.update({k: v for k, v in out.items() if k != "tasks"})
+        out = evaluate(model, tokenizer, tasks, limit=limit, batch_size=ev.batch_size, seed=recipe.calibration.seed,
+                       include_path=ev.include_path, settings={t: ev.lm_eval_settings(t) for t in tasks})
+        for key in ("tasks", "subtasks", "settings", "seconds"):
+            merged.setdefault(key, {}).update(out[key])
+        merged.update({k: v for k, v in out.items() if k not in merged})
     merged["limits"] = {t: ev.limits.get(t, ev.limit) for t in ev.tasks}
     return merged
 

@@ -123,11 +123,42 @@ class BuildSection(_Section):
         return self
 
 
+class TaskSettings(_Section):
+    """lm-eval's per-run options for one task, as `lm_eval.simple_evaluate` takes them."""
+
+    num_fewshot: int | None = Field(default=None, ge=0, description="null = the task's own default")
+    apply_chat_template: bool | str = Field(default=False, description="true, or the name of a chat template")
+    fewshot_as_multiturn: bool | None = Field(default=None, description="null = same as apply_chat_template")
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                       description="generation settings of generate_until tasks: until, "
+                                       "max_gen_toks, do_sample, temperature, ...")
+
+
 class EvaluateSection(_Section):
-    tasks: list[str] = Field(default_factory=list)
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task/group names or quantkit's offline tasks")
+    include_path: list[str] = Field(default_factory=list, description="folders of your own lm-eval task YAMLs")
     limit: int | None = Field(default=None, gt=0, description="examples per task; null = whole task")
     limits: dict[str, int] = Field(default_factory=dict, description="per-task limit, wins over `limit`")
+    task_settings: dict[str, TaskSettings] = Field(default_factory=dict,
+                                                   description="per task: num_fewshot, apply_chat_template, ...")
     batch_size: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _settings_name_tasks(self) -> EvaluateSection:
+        stray = [t for t in self.task_settings if t not in self.tasks]
+        if stray:  # a setting for a task that does not run is a typo, not a no-op
+            raise ValueError(f"field 'task_settings': {stray} not in evaluate.tasks {self.tasks}")
+        return self
+
+    def lm_eval_settings(self, task: str) -> dict[str, Any]:
+        """The task's settings as keyword arguments of lm_eval.simple_evaluate (unset ones left out)."""
+        ts = self.task_settings.get(task)
+        if ts is None:
+            return {}
+        out = ts.model_dump(exclude_none=True)
+        if not out["gen_kwargs"]:
+            del out["gen_kwargs"]
+        return out
 
 
 class BenchSection(_Section):

@@ -8,18 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantkit.choose import lower_is_better
 from quantkit.runfolder import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_recipe
 
-# The metric a table shows per task (as lm-eval names it), and whether lower is better.
-PRIMARY_METRICS: dict[str, list[tuple[str, bool]]] = {
-    "wiki_ppl": [("word_perplexity", True)],
-    "lambada": [("acc", False), ("perplexity", True)],
-    "hellaswag": [("acc_norm", False)],
-    "arc_easy": [("acc", False)],
-    "arc_challenge": [("acc_norm", False)],
-    "piqa": [("acc", False)],
-    "winogrande": [("acc", False)],
+# Which of a task's metrics a table shows first (display only: values, stderr and each metric's direction come
+# from lm-eval's results as the evaluate stage stored them). A task not listed shows its first metric.
+PRIMARY_METRICS: dict[str, list[str]] = {
+    "wiki_ppl": ["word_perplexity"],
+    "lambada": ["acc", "perplexity"],
+    "hellaswag": ["acc_norm"],
+    "arc_easy": ["acc"],
+    "arc_challenge": ["acc_norm"],
+    "piqa": ["acc"],
+    "winogrande": ["acc"],
+    "mmlu": ["acc"],
+    "gsm8k_olmes": ["exact_match_strict-match"],
 }
+NOT_METRIC_KEYS = ("n", "higher_is_better", "alias", "samples")
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -179,11 +184,22 @@ def make_cell(run: dict, baseline: dict | None, task: str, metric: str, lower_be
     return cell
 
 
+def task_metrics(row: dict) -> list[str]:
+    """A task's metric names in lm-eval's order (no stderr, counts or directions)."""
+    return [k for k, v in row.items() if k not in NOT_METRIC_KEYS and not k.endswith("_stderr")
+            and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
+
+
 def table_columns(runs: list[dict]) -> list[tuple[str, str, bool]]:
-    """(task, metric, lower_better) for every task any run has, the primary metrics of known tasks first."""
+    """(task, metric, lower_better) for every task any run has, the listed tasks first in their order."""
     tasks = [t for t in PRIMARY_METRICS if any(t in r.get("metrics", {}) for r in runs)]
     tasks += sorted({t for r in runs for t in r.get("metrics", {})} - set(tasks))
-    return [(t, m, lb) for t in tasks for m, lb in PRIMARY_METRICS.get(t, [("acc", False)])]
+    cols = []
+    for t in tasks:
+        names = PRIMARY_METRICS.get(t) or next((task_metrics(r["metrics"][t])[:1] for r in runs
+                                                 if task_metrics(r.get("metrics", {}).get(t) or {})), [])
+        cols += [(t, m, lower_is_better(t, m, runs)) for m in names]
+    return cols
 
 
 def legend(runs: list[dict], baseline: dict | None) -> str:
@@ -354,10 +370,10 @@ def plot_tradeoff(runs: list[dict], baseline: dict | None, x: str = "size",
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    from quantkit.choose import decode_tok_s, lower_is_better, size_bytes
+    from quantkit.choose import decode_tok_s, size_bytes
 
     task, name = metric
-    lower = lower_is_better(task, name)
+    lower = lower_is_better(task, name, [*runs, baseline])
     scale = 1.0 if lower else 100.0  # accuracies in %
     xs_of = (lambda r: (size_bytes(r) or 0) / 2**20 or None) if x == "size" else decode_tok_s
     points = []
@@ -514,7 +530,12 @@ def write_compare(run_dirs: list[Path], out_dir: Path, baseline_dir: Path | None
         md += ["", "## Accuracy budget", "", "```", choice.render(), "```"]
     files: list[Path] = []
     images: list[tuple[str, bytes]] = []
-    for metric in metrics:
+    if limits:
+        limits = [lim.with_directions([*runs, baseline]) for lim in limits]
+    plotting = _have_matplotlib()
+    if not plotting:
+        md += ["", "No plots: matplotlib is not installed (pip install matplotlib)."]
+    for metric in metrics if plotting else []:
         for x in ("size", "speed"):
             if x == "speed" and not any(decode_tok_s(r) for r in runs):
                 continue
@@ -526,7 +547,8 @@ def write_compare(run_dirs: list[Path], out_dir: Path, baseline_dir: Path | None
             atomic_write_bytes(out_dir / name, png)
             files.append(out_dir / name)
             images.append((name, png))
-    md += ["", "## Plots", ""] + [f"![{n}]({n})" for n, _ in images]
+    if images:
+        md += ["", "## Plots", ""] + [f"![{n}]({n})" for n, _ in images]
     markdown = "\n".join(md) + "\n"
     atomic_write_bytes(out_dir / "table.md", markdown.encode())
     rows = compare_rows(runs, baseline)
@@ -540,6 +562,19 @@ def write_compare(run_dirs: list[Path], out_dir: Path, baseline_dir: Path | None
     atomic_write_bytes(out_dir / "index.html", html.encode())
     files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "index.html", *files]
     return {"files": files, "choice": choice, "markdown": markdown}
+
+
+def _have_matplotlib() -> bool:
+    """False only when matplotlib itself is absent (a broken install still raises)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        import logging
+
+        logging.getLogger("quantkit").warning("matplotlib is not installed: tables, CSV and HTML written, no plots "
+                                              "(pip install matplotlib)")
+        return False
+    return True
 
 
 _CSS = """

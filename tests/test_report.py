@@ -95,3 +95,16 @@ def test_compare_md_file_and_run_expansion(tmp_path, capsys):
     assert len(expand_run_dirs([EXAMPLES])) == 17
     runs_, baseline = load_runs([EXAMPLES / "smollm2-fp8"], EXAMPLES / "smollm2-baseline")
     assert baseline["run"] == "smollm2-baseline" and [r["run"] for r in runs_] == ["smollm2-baseline", "smollm2-fp8"]
+
+
+def test_compare_out_without_matplotlib_says_so_and_writes_the_rest(tmp_path, capsys, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec None, import fails
+    out = tmp_path / "cmp"
+    assert main(["compare", str(EXAMPLES), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "table.csv", "table.md"]
+    assert "No plots: matplotlib is not installed" in (out / "table.md").read_text()
+    assert len(list(csv.DictReader((out / "table.csv").open()))) == 17
+    notes = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
