@@ -50,6 +50,14 @@ METHODS: dict[str, Method] = {
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", False, _COMMON | {"block_size"}, {"block_size": 128}, "W4A16_AWQ",
         ),
         Method(
+            "int4_gptq", "INT4 block-wise weights, GPTQ (Hessian-weighted error compensation), 16-bit activations",
+            # Same weight format as int4_rtn (no pre-quant scales): ModelOpt's `gptq` only moves the weights.
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", True,
+            _COMMON | {"block_size", "gptq_damping", "gptq_block", "gptq_layerwise"},
+            # Defaults measured on SmolLM2-135M (eval/RESULTS.md, "GPTQ"): sequential layer-by-layer Hessians.
+            {"block_size": 128, "gptq_damping": 0.01, "gptq_block": 128, "gptq_layerwise": True}, "W4A16_AWQ",
+        ),
+        Method(
             "w4a8_awq", "INT4 block-wise weights with AWQ, FP8 activations", "W4A8_AWQ_BETA_CFG", True,
             _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A8_AWQ",
         ),
@@ -63,7 +71,8 @@ METHODS: dict[str, Method] = {
     ]
 }
 
-_TUNABLE = ("block_size", "smoothquant_alpha", "awq_algorithm", "activations")
+_TUNABLE = ("block_size", "smoothquant_alpha", "awq_algorithm", "activations", "gptq_damping", "gptq_block",
+            "gptq_layerwise")
 
 
 def get_method(name: str) -> Method:
@@ -122,6 +131,8 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
         cfg["algorithm"] = {"method": "smoothquant", "alpha": settings["smoothquant_alpha"]}
         if settings["smoothquant_alpha"] == "auto":
             cfg["algorithm"] = None  # quantizers only: quantkit.smoothquant calibrates and smooths per layer
+    if method.name == "int4_gptq":
+        cfg["algorithm"] = gptq_algorithm(settings)
     if settings.get("awq_algorithm") is not None:
         algo = cfg["algorithm"]
         cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}
@@ -132,6 +143,23 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
     if section.kv_cache == "fp8":
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
     return cfg
+
+
+def gptq_algorithm(settings: dict[str, Any]) -> dict[str, Any]:
+    """ModelOpt 0.47 `GPTQCalibConfig`: damping, update block and layer-wise (sequential) Hessians.
+
+    ModelOpt 0.47 has no activation-order (`act_order`) option: columns are updated in their stored order, with
+    each group's scale fixed by max calibration of the original weights before the updates (static groups).
+    """
+    gptq_block = settings["gptq_block"]
+    group = settings["block_size"]
+    if gptq_block % group:
+        from quantkit.errors import QuantkitError
+
+        raise QuantkitError(f"gptq_block {gptq_block} is not a multiple of block_size {group}",
+                            where="quantize.gptq_block", fix=f"set quantize.gptq_block to a multiple of {group}")
+    return {"method": "gptq", "perc_damp": settings["gptq_damping"], "block_size": gptq_block,
+            "layerwise": {"enable": bool(settings["gptq_layerwise"])}}
 
 
 # Dynamic per-token int8 activations (what TensorRT-LLM's per-token SmoothQuant plugin computes at run time).

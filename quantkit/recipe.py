@@ -42,6 +42,12 @@ class QuantizeSection(_Section):
     activations: Literal["per_tensor", "per_token"] | None = Field(
         default=None, description="INT8 SmoothQuant activation scaling: static per-tensor or dynamic per-token"
     )
+    gptq_damping: float | None = Field(default=None, gt=0.0, le=1.0,
+                                       description="GPTQ damping: fraction of the mean Hessian diagonal added to it")
+    gptq_block: int | None = Field(default=None, gt=0,
+                                   description="GPTQ columns updated per step (a multiple of block_size)")
+    gptq_layerwise: bool | None = Field(
+        default=None, description="GPTQ Hessians from the already-quantized earlier layers (sequential), or at once")
     kv_cache: Literal["fp8"] | None = None
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns kept unquantized")
 
