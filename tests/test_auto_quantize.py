@@ -129,3 +129,57 @@ def test_budget_no_candidate_can_meet_is_a_clear_error_before_any_calibration() 
 def test_auto_recipe_validation(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         QuantizeSection(method="auto", **kw)
+
+
+def test_pipeline_writes_the_choice_and_resumes_from_it(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
+    """quantkit run with method auto: auto_quantize.json, the summary line, results.json; a rerun restores it."""
+    import logging
+    import textwrap
+
+    from quantkit.cli import main
+    from quantkit.runfolder import read_json
+
+    recipe = tmp_path / "auto.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        metadata: {{name: tiny-auto}}
+        model: {{source: "{tiny_model_dir}", dtype: float32}}
+        quantize: {{method: auto, effective_bits: 6, block_size: 64}}
+        calibration: {{dataset: "builtin:news", n_samples: 4, seq_len: 32, batch_size: 2}}
+        export: {{trtllm: {{dtype: float16}}, hf: true}}
+        build: {{max_batch_size: 4}}
+        evaluate: {{tasks: []}}
+        output_dir: "{tmp_path / 'runs'}"
+        """))
+    assert main(["run", str(recipe)]) == 0
+    run = tmp_path / "runs" / "tiny-auto"
+    choice = read_json(run / "quantize" / "auto_quantize.json")
+    assert choice["effective_bits_target"] == 6 and choice["effective_bits"] <= 6
+    results = read_json(run / "results.json")
+    assert results["auto_quantize"]["layer_counts"] == choice["layer_counts"]
+    summary = (run / "summary.md").read_text()
+    assert f"{choice['effective_bits']:.2f} bits" in summary and "quantize/auto_quantize.json" in summary
+    plan = read_json(run / "build" / "plan.json")
+    assert plan["quant_algo"] == "MIXED_PRECISION" and plan["check"]["violations"] == 0
+    with caplog.at_level(logging.INFO, logger="quantkit"):
+        assert main(["run", str(recipe), "--set", "evaluate.tasks=[wiki_ppl]", "--set", "evaluate.limit=1"]) == 0
+    assert "calibration skipped" in caplog.text
+
+
+def test_choose_by_bits_picks_the_fewest_bits_within_the_accuracy_budget() -> None:
+    from quantkit.choose import choose, parse_budget
+
+    def run(name: str, method: str, ppl: float, bits: float | None = None) -> dict:
+        return {"run": name, "method": method, "sizes": {"hf_bytes": 100},
+                "metrics": {"wiki_ppl": {"word_perplexity": ppl, "word_perplexity_stderr": None}},
+                "auto_quantize": {"effective_bits": bits} if bits is not None else None}
+
+    base = run("base", "none", 60.0)
+    runs = [base, run("auto-4.5", "auto", 75.0, 4.49), run("auto-5", "auto", 64.0, 4.98),
+            run("auto-6", "auto", 61.0, 5.97), run("fp8", "fp8", 61.5)]
+    c = choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=10%"]), by="bits")
+    why = {v.run: v for v in c.verdicts}
+    assert c.chosen == "auto-5"  # 4.49 bits is +25%, over budget; 4.98 is the fewest bits left
+    assert "over budget" in why["auto-4.5"].reasons[0]
+    assert "no effective bits recorded" in why["fp8"].reasons[0]
+    assert why["auto-6"].note == "5.97 vs 4.98 effective bits" and why["base"].ok
+    assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=1%"]), by="bits").chosen == "base"
