@@ -27,7 +27,8 @@ def test_knobs_reach_modelopt_gptq_config() -> None:
     assert (algo.perc_damp, algo.block_size, algo.layerwise.enable) == (0.05, 64, False)
     weights = [e["cfg"] for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
     assert weights[0]["num_bits"] == 4 and weights[0]["block_sizes"][-1] == 32
-    assert resolved_settings(QuantizeSection(method="int4_gptq"))["gptq_layerwise"] is True
+    defaults = resolved_settings(QuantizeSection(method="int4_gptq"))
+    assert (defaults["gptq_layerwise"], defaults["gptq_damping"]) == (True, 0.1)
 
 
 def test_gptq_block_must_be_a_multiple_of_the_group() -> None:
