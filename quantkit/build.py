@@ -214,6 +214,31 @@ def _line_for(algo: str | None, has_hf: bool) -> tuple[str, str]:
         "build); the engine plan is written too, for deployments pinned to TensorRT-LLM <= 1.2.x")
 
 
+def _mixed_algos(trt_dir: Path | None, hf_dir: Path | None) -> set[str | None]:
+    """The per-layer quant_algos of a MIXED_PRECISION checkpoint (method auto)."""
+    layers: dict = {}
+    if hf_dir is not None and (hf_dir / "hf_quant_config.json").is_file():
+        layers = json.loads((hf_dir / "hf_quant_config.json").read_text()).get("quantization", {})
+    elif trt_dir is not None and (trt_dir / "quant_cfg.json").is_file():
+        layers = json.loads((trt_dir / "quant_cfg.json").read_text())
+    return {lc.get("quant_algo") for lc in (layers.get("quantized_layers") or {}).values()}
+
+
+def _line_for_mixed(layer_algos: set[str | None], has_hf: bool) -> tuple[str, str]:
+    """Mixed checkpoints: the PyTorch backend builds each linear with its own QuantConfig from hf_quant_config.json
+    (tensorrt_llm/_torch/model_config.py quant_config_dict), so it serves them when it has every layer's recipe;
+    the engine line reads quant_cfg.json (models/modeling_utils.py PretrainedConfig.from_json_file)."""
+    unsupported = sorted(str(a) for a in layer_algos - PYTORCH_ALGOS)
+    if unsupported:
+        return ENGINE_LINE, (f"MIXED_PRECISION with {', '.join(unsupported)} layers, which the PyTorch backend has no "
+                             "recipe for: engine line only (trtllm-build reads quant_cfg.json)")
+    if not has_hf:
+        return ENGINE_LINE, "No HF unified checkpoint was exported (export.hf: false), so only the engine line applies"
+    return PYTORCH_LINE, (f"MIXED_PRECISION ({', '.join(sorted(str(a) for a in layer_algos))} per layer): the PyTorch "
+                          "backend reads each layer's quant_algo from hf_quant_config.json and serves the HF "
+                          "checkpoint; the engine plan (quant_cfg.json) is written too, for TensorRT-LLM <= 1.2.x")
+
+
 def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build: bool = False,
                     hf_dir: Path | None = None, engine_dir: Path | None = None) -> dict:
     """The build plan for one exported model.
@@ -250,7 +275,12 @@ def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build
         algo, kv, tp, pp = hq.get("quant_algo"), hq.get("kv_cache_quant_algo"), 1, 1
         dtype, arch = config.get("dtype") or config.get("torch_dtype"), (config.get("architectures") or [None])[0]
 
-    line, why = _line_for(algo, hf_dir is not None)
+    layer_algos = _mixed_algos(trt_dir, hf_dir) if algo == "MIXED_PRECISION" else None
+    if layer_algos is not None:
+        line, why = _line_for_mixed(layer_algos, hf_dir is not None)
+        notes.extend(GPU_NOTES[a] for a in sorted(layer_algos) if a in GPU_NOTES)
+    else:
+        line, why = _line_for(algo, hf_dir is not None)
     engine = None
     if trt_dir is not None:
         opts, reasons = engine_options(config, build, accuracy_build=accuracy_build)
@@ -266,7 +296,7 @@ def make_build_plan(checkpoint_dir: Path, build: BuildSection, *, accuracy_build
         notes.append("no TensorRT-LLM checkpoint (export.trtllm: null): no engine plan; set export.trtllm to get one")
 
     serve = None
-    if hf_dir is not None and algo in PYTORCH_ALGOS:
+    if hf_dir is not None and (algo in PYTORCH_ALGOS or (layer_algos is not None and layer_algos <= PYTORCH_ALGOS)):
         serve = {
             "tensorrt_llm": "TensorRT-LLM >= 1.0, PyTorch backend via trtllm-serve or the LLM API",
             "options": {"backend": "pytorch", "max_batch_size": build.max_batch_size,

@@ -473,9 +473,10 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
     if algo is not None and algo not in QUANT_ALGOS:
         chk.add("quantization.quant_algo", "config.quant_algo",
                 f"'{algo}' is not a TensorRT-LLM QuantAlgo (tensorrt_llm/quantization/mode.py)")
-    elif algo is not None and algo not in TRTLLM_RULES:
+    elif algo is not None and algo not in TRTLLM_RULES and algo != MIXED:
         chk.add("quantization.quant_algo", "config.quant_algo",
                 f"'{algo}' is valid for TensorRT-LLM but quantkit has no tensor rules for it; not checked")
+    mixed = _mixed_layers(chk, folder / "quant_cfg.json") if algo == MIXED else None
     if kv is not None and kv not in KV_CACHE_ALGOS:
         chk.add("quantization.kv_cache_quant_algo", "config.kv_cache_quant_algo",
                 f"'{kv}' is not one of {sorted(KV_CACHE_ALGOS)} (mode.py KV_CACHE_QUANT_ALGO_LIST)")
@@ -513,9 +514,14 @@ def check_trtllm(folder: Path, label: str = "") -> list[Violation]:
             chk.add(name, "safetensors.header", str(exc))
             continue
         layers |= _global_layers(_layers_present(tensors), config, int(re.sub(r"\D", "", name)) // tp, pp)
-        chk.check_modules(tensors, path, quant_algo=algo, rules=TRTLLM_RULES,
-                          scale_suffixes=TRTLLM_SCALE_SUFFIXES + TRTLLM_KV_SUFFIXES, group=group, exclude=exclude,
-                          pre_quant_required=pre_quant, float_dtype=float_dtype, source=SRC_TRT)
+        if mixed is not None:
+            _check_mixed(chk, tensors, path, mixed, rules=TRTLLM_RULES,
+                         scale_suffixes=TRTLLM_SCALE_SUFFIXES + TRTLLM_KV_SUFFIXES, pre_quant_flag=True,
+                         float_dtype=float_dtype, source=SRC_TRT)
+        else:
+            chk.check_modules(tensors, path, quant_algo=algo, rules=TRTLLM_RULES,
+                              scale_suffixes=TRTLLM_SCALE_SUFFIXES + TRTLLM_KV_SUFFIXES, group=group,
+                              exclude=exclude, pre_quant_required=pre_quant, float_dtype=float_dtype, source=SRC_TRT)
         _check_trtllm_kv(chk, tensors, path, kv)
         _check_trtllm_norms(chk, tensors, LAYOUTS.get(algo) if algo else None)
     n_layers = config.get("num_hidden_layers")
@@ -554,6 +560,46 @@ def _check_trtllm_norms(chk: _Checker, tensors: dict[str, TensorInfo], lay: Layo
                         f"'Required but not provided tensors' ({p.source})")
             elif math.prod(tensors[name].shape) != 1:
                 chk.add(name, "scale.shape", f"shape {list(tensors[name].shape)}; expected [1] ({p.source})")
+
+
+MIXED = "MIXED_PRECISION"
+
+
+def _mixed_layers(chk: _Checker, path: Path) -> dict[str, dict]:
+    """`quantized_layers` of a MIXED_PRECISION checkpoint: TensorRT-LLM reads quant_cfg.json next to config.json
+    (models/modeling_utils.py PretrainedConfig.from_json_file); the HF checkpoint lists them in hf_quant_config.json."""
+    data = _read_json(path, chk, "mixed.quant_cfg") if path.is_file() else None
+    if data is None:
+        chk.add(path.name, "mixed.quant_cfg", f"quant_algo is {MIXED} but {path.name} (per-layer algos) is missing")
+        return {}
+    layers = (data.get("quantization", data)).get("quantized_layers")
+    if not isinstance(layers, dict) or not layers:
+        chk.add(f"{path.name}: quantized_layers", "mixed.quant_cfg", f"{MIXED} without a quantized_layers mapping")
+        return {}
+    return layers
+
+
+def _check_mixed(chk: _Checker, tensors: dict[str, TensorInfo], path: Path, layers: dict[str, dict], *,
+                 rules: dict[str, AlgoRule], scale_suffixes: tuple[str, ...], pre_quant_flag: bool,
+                 float_dtype: str | None, source: str) -> None:
+    """Each listed layer against the rules of its own quant_algo; every other linear must be unquantized."""
+    per_layer: dict[str, dict[str, TensorInfo]] = {}
+    rest: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        module = name.rsplit(".", 1)[0]
+        (per_layer.setdefault(module, {}) if module in layers else rest)[name] = info
+    for module, sub in sorted(per_layer.items()):
+        lc = layers[module]
+        algo = lc.get("quant_algo")
+        if algo not in rules:
+            chk.add(f"quantized_layers.{module}", "config.quant_algo", f"'{algo}' has no quantkit tensor rules")
+            continue
+        group = lc.get("group_size") if rules[algo].packed_int4 else None
+        chk.check_modules(sub, path, quant_algo=algo, rules=rules, scale_suffixes=scale_suffixes, group=group,
+                          exclude=[], pre_quant_required=pre_quant_flag and bool(lc.get("pre_quant_scale")),
+                          float_dtype=float_dtype, source=source)
+    chk.check_modules(rest, path, quant_algo=None, rules=rules, scale_suffixes=scale_suffixes, group=None, exclude=[],
+                      pre_quant_required=False, float_dtype=float_dtype, source=source)
 
 
 def _check_trtllm_kv(chk: _Checker, tensors: dict[str, TensorInfo], path: Path, kv: str | None) -> None:
@@ -619,9 +665,10 @@ def check_hf(folder: Path, label: str = "") -> list[Violation]:
         return chk.violations
     if algo is not None and algo not in QUANT_ALGOS:
         chk.add("quantization.quant_algo", "config.quant_algo", f"'{algo}' is not a TensorRT-LLM QuantAlgo")
-    elif algo is not None and algo not in HF_RULES:
+    elif algo is not None and algo not in HF_RULES and algo != MIXED:
         chk.add("quantization.quant_algo", "config.quant_algo",
                 f"'{algo}' has no quantkit tensor rules; not checked")
+    mixed = _mixed_layers(chk, hqc_path) if algo == MIXED else None
     rule = HF_RULES.get(algo) if algo else None
     if rule and rule.packed_int4 and (not isinstance(group, int) or group <= 0):
         chk.add("quantization.group_size", "config.group_size",
@@ -639,8 +686,13 @@ def check_hf(folder: Path, label: str = "") -> list[Violation]:
             chk.add(path.name, "safetensors.header", str(exc))
             continue
         all_names |= set(tensors)
-        chk.check_modules(tensors, path, quant_algo=algo, rules=HF_RULES, scale_suffixes=HF_SCALE_SUFFIXES,
-                          group=group, exclude=exclude, pre_quant_required=False, float_dtype=None, source=SRC_HF)
+        if mixed is not None:
+            _check_mixed(chk, tensors, path, mixed, rules=HF_RULES, scale_suffixes=HF_SCALE_SUFFIXES,
+                         pre_quant_flag=False, float_dtype=None, source=SRC_HF)
+        else:
+            chk.check_modules(tensors, path, quant_algo=algo, rules=HF_RULES, scale_suffixes=HF_SCALE_SUFFIXES,
+                              group=group, exclude=exclude, pre_quant_required=False, float_dtype=None,
+                              source=SRC_HF)
         _check_hf_kv(chk, tensors, path, kv)
     index = folder / "model.safetensors.index.json"
     if index.exists():

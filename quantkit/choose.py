@@ -16,7 +16,7 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 
-BY = ("size", "speed")
+BY = ("size", "speed", "bits")  # bits: average weight bits of method auto runs
 
 
 def lower_is_better(task: str, metric: str, runs: Iterable[dict] = ()) -> bool:
@@ -146,6 +146,14 @@ def decode_tok_s(run: dict, batch_size: int = 1) -> float | None:
     return None
 
 
+def effective_bits(run: dict) -> float | None:
+    """Average weight bits over the quantized layers: recorded by method auto runs; the baseline is 16."""
+    auto = run.get("auto_quantize") or {}
+    if auto.get("effective_bits") is not None:
+        return float(auto["effective_bits"])
+    return 16.0 if run.get("method") == "none" else None
+
+
 @dataclass
 class Verdict:
     run: str
@@ -154,6 +162,7 @@ class Verdict:
     losses: list[str] = field(default_factory=list)      # every limit's loss, for the report
     size: int | None = None
     speed: float | None = None
+    bits: float | None = None
     chosen: bool = False
     note: str = ""                                       # why an in-budget run was not picked
 
@@ -178,11 +187,13 @@ class Choice:
         return {"by": self.by, "baseline": self.baseline, "chosen": self.chosen, "conservative": self.conservative,
                 "limits": [lim.text for lim in self.limits],
                 "verdicts": [{"run": v.run, "ok": v.ok, "chosen": v.chosen, "reasons": v.reasons,
-                              "losses": v.losses, "note": v.note, "size_bytes": v.size, "decode_tok_s": v.speed}
+                              "losses": v.losses, "note": v.note, "size_bytes": v.size, "decode_tok_s": v.speed,
+                              "effective_bits": v.bits}
                              for v in self.verdicts]}
 
     def render(self) -> str:
-        what = "smallest HF checkpoint" if self.by == "size" else "fastest decode (tokens/s at batch 1)"
+        what = {"size": "smallest HF checkpoint", "speed": "fastest decode (tokens/s at batch 1)",
+                "bits": "fewest effective weight bits (method auto runs)"}[self.by]
         rule = "loss + 2 standard errors" if self.conservative else "measured loss"
         lines = [f"Budget against {self.baseline or 'no baseline'} ({rule} must stay within every limit): "
                  + ("; ".join(lim.describe() for lim in self.limits) or "no limits"),
@@ -212,7 +223,7 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
     limits = [lim.with_directions([*runs, baseline]) for lim in limits]
     verdicts = []
     for run in runs:
-        v = Verdict(run["run"], True, size=size_bytes(run), speed=decode_tok_s(run))
+        v = Verdict(run["run"], True, size=size_bytes(run), speed=decode_tok_s(run), bits=effective_bits(run))
         for lim in limits:
             loss = metric_loss(run, baseline, lim.task, lim.metric)
             v.losses.append(loss.text(lim))
@@ -230,11 +241,12 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
                 if loss.se:
                     noise = " (within noise: < 2 standard errors)" if abs(loss.loss) < 2 * loss.se else ""
                 v.reasons.append(f"{loss.text(lim)}: over budget ({over}){noise}")
-        key_value = v.size if by == "size" else v.speed
+        key_value = {"size": v.size, "speed": v.speed, "bits": v.bits}[by]
         if v.ok and key_value is None:
             v.ok = False
-            v.reasons.append("no checkpoint size recorded" if by == "size"
-                             else "no speed measured (run `quantkit bench RUN`)")
+            v.reasons.append({"size": "no checkpoint size recorded",
+                              "speed": "no speed measured (run `quantkit bench RUN`)",
+                              "bits": "no effective bits recorded (a uniform method: use method auto runs)"}[by])
         verdicts.append(v)
     for name, reason in (unusable or {}).items():
         verdicts.append(Verdict(name, False, [reason]))
@@ -242,8 +254,8 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
     ok = [v for v in verdicts if v.ok]
     # Ties (same size, e.g. alpha variants) go to the smaller loss: the first limit's loss, then the name.
     def rank(v: Verdict) -> tuple:
-        primary = v.size if by == "size" else -(v.speed or 0.0)
-        secondary = -(v.speed or 0.0) if by == "size" else (v.size or 0)
+        primary = {"size": v.size, "speed": -(v.speed or 0.0), "bits": v.bits}[by]
+        secondary = (v.size or 0) if by != "size" else -(v.speed or 0.0)
         return (primary, secondary, _first_loss(v, runs, baseline, limits), v.run)
 
     best = min(ok, key=rank) if ok else None
@@ -252,7 +264,9 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
         for v in ok:
             if v is best:
                 continue
-            if by == "size":
+            if by == "bits":
+                v.note = f"{v.bits:.2f} vs {best.bits:.2f} effective bits"
+            elif by == "size":
                 v.note = (f"{_mib(v.size)} vs {_mib(best.size)}" if v.size != best.size
                           else f"same size as {best.run} ({_mib(v.size)}), larger loss")
             else:

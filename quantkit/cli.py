@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "wiki_ppl.word_perplexity)")
     p.add_argument("--max-loss", action="append", default=[], metavar="TASK.METRIC=X[%|pt]",
                    help="accuracy budget: the choice is reported and drawn in the plots (see `quantkit choose`)")
-    p.add_argument("--by", choices=["size", "speed"], default="size", help="what the budget's choice optimizes")
+    from quantkit.choose import BY
+
+    p.add_argument("--by", choices=list(BY), default="size", help="what the budget's choice optimizes")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("methods", help="list quantization methods")

@@ -193,6 +193,7 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
                                 where="export.trtllm",
                                 fix="set export.trtllm: null to skip it, or report the model type") from exc
         _fix_pre_quant_flag(tmp)
+        _fix_mixed_pre_quant_flags(tmp)
         _label_per_token_smoothquant(tmp / "config.json", "quantization", "rank*.safetensors",
                                      ".activation_scaling_factor")
         to_trtllm_layout(tmp)
@@ -344,6 +345,23 @@ def _undo_in_place_export(model: torch.nn.Module):
         if config is not None:
             config.__dict__.clear()
             config.__dict__.update(config_state)
+
+
+def _fix_mixed_pre_quant_flags(folder: Path) -> None:
+    """MIXED_PRECISION (method auto): the same `pre_quant_scale: true` without scales, per layer in quant_cfg.json,
+    which TensorRT-LLM reads for each layer's QuantConfig (models/modeling_utils.py PretrainedConfig.from_json_file)."""
+    path = folder / "quant_cfg.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    names: set[str] = set()
+    for shard in folder.glob("rank*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names.update(f.keys())
+    for layer, lc in (cfg.get("quantized_layers") or {}).items():
+        if lc.get("pre_quant_scale") and f"{layer}.prequant_scaling_factor" not in names:
+            lc["pre_quant_scale"] = False
+    path.write_text(json.dumps(cfg, indent=4))
 
 
 def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> Path:

@@ -276,6 +276,11 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
     if alphas:  # alpha: auto — the per-layer choice is part of the run's record
         atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)
         info["smoothquant_alphas"] = "quantize/smoothquant_alphas.json"
+    choice = getattr(model, "quantkit_auto_quantize", None)
+    if choice:  # method auto: the per-layer formats are part of the run's record
+        atomic_write_json(run_dir / "quantize" / "auto_quantize.json", choice)
+        info["auto_quantize"] = "quantize/auto_quantize.json"
+        info["effective_bits"] = choice["effective_bits"]
     if method.preset is not None:
         state_path = run_dir / "quantize" / resume.STATE_FILE
         blob = resume.state_bytes(model, folds)

@@ -7,6 +7,7 @@ import fnmatch
 import io
 import logging
 import math
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -111,6 +112,8 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
                    counter: ForwardCounter | None = None) -> torch.nn.Module:
     """Quantize `model` in place (ModelOpt fake quantization) and return it."""
     method = get_method(section.method)
+    if method.name == "auto":
+        return auto_quantize_model(model, section, calib, counter)
     cfg = build_modelopt_config(section)
     if cfg is None:
         return model
@@ -177,3 +180,94 @@ def quantizer_summary(model: torch.nn.Module) -> dict[str, int]:
             kind = name.rsplit(".", 1)[-1]
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def _check_budget(target: float, floor: float, candidates: list[str]) -> None:
+    if target < floor - 1e-9:
+        raise QuantkitError(
+            f"effective_bits {target} is below what the candidates can reach ({floor:.2f} bits with every quantized "
+            f"layer in its smallest format among {', '.join(candidates)})", where="quantize.effective_bits",
+            fix=f"set quantize.effective_bits to {floor:.2f} or more, or add a smaller format to quantize.candidates")
+
+
+def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet | None,
+                        counter: ForwardCounter | None = None) -> torch.nn.Module:
+    """Method `auto`: `mtq.auto_quantize` picks a format per layer group under the effective-bits budget.
+
+    The budget counts the quantized layers only (`exclude`d ones such as lm_head stay 16-bit outside it; ModelOpt
+    counts them, so the target is converted). The searched model is calibrated once more with the INT4 candidate's
+    own algorithm. The choice is left on `model.quantkit_auto_quantize` (the pipeline writes it to the run folder).
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.algorithms import QuantRecipe, _resolve_best_recipe
+
+    from quantkit.methods import auto_candidate_configs, auto_final_algorithm
+
+    settings = resolved_settings(section)
+    if any(get_method(c).needs_cuda for c in settings["candidates"]) and not torch.cuda.is_available():
+        raise QuantkitError(f"auto candidates {settings['candidates']} include a CUDA-only format; this machine has "
+                            "no GPU", where="quantize.candidates", fix="remove nvfp4 or run on a GPU machine")
+    if calib is None:
+        raise QuantkitError("method 'auto' needs calibration data", where="calibration")
+    check_shapes(model, section)
+    counter = counter or ForwardCounter()
+    configs = auto_candidate_configs(section)
+    names = {QuantRecipe.get_auto_name_for_config(cfg) or f"CUSTOM_{i}": m
+             for i, (m, cfg) in enumerate(configs.items())}
+    target = settings["effective_bits"]
+    bits = {m: 16 * QuantRecipe(cfg, name=m).compression for m, cfg in configs.items()}
+    _check_budget(target, min(bits.values()), settings["candidates"])  # before the costly search
+    device = next(model.parameters()).device
+    batches = list(calib.batches())
+
+    def forward_step(m: torch.nn.Module, batch: torch.Tensor):
+        counter.batches += 1
+        return m(input_ids=batch.to(device), labels=batch.to(device))
+
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        model, state = mtq.auto_quantize(
+            model, constraints={"effective_bits": 16.0}, quantization_formats=list(configs.values()),
+            data_loader=batches, forward_step=forward_step, loss_func=lambda out, _: out.loss,
+            disabled_layers=[f"*{p}*" for p in section.exclude], num_calib_steps=len(batches),
+            num_score_steps=len(batches))
+    if hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()  # auto_quantize switches it on for the gradient scores
+    stats = state["candidate_stats"]
+    searched = {g: s for g, s in stats.items() if len(s["formats"]) > 1}
+    quantized = sum(s["uncompressed_cost"] for s in searched.values())
+    fixed = state["cost_denominator"] - quantized  # excluded layers, 16-bit in ModelOpt's count
+    floor = 16 * sum(min(s["costs"]) for s in searched.values()) / quantized
+    _check_budget(target, floor, settings["candidates"])  # the same with ModelOpt's own per-layer costs
+    modelopt_target = (target * quantized + 16 * fixed) / state["cost_denominator"]
+    with contextlib.redirect_stdout(chatter):
+        best = _resolve_best_recipe(state, {"effective_bits": modelopt_target})  # what get_auto_quantize_config uses
+    layers: dict[str, str] = {}
+    cost = 0.0
+    for group, s in searched.items():
+        recipe = best[group]
+        i = s["formats"].index(recipe)
+        cost += s["costs"][i]
+        label = str(recipe).split("(")[0]
+        for name in s["module_names"]:
+            layers[name] = names.get(label, "none")
+    with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "returned config uses algorithm='max'": we set the algorithm next
+        cfg = mtq.get_auto_quantize_config(state, {"effective_bits": modelopt_target})
+    cfg["algorithm"] = auto_final_algorithm(section)
+    for module in model.modules():  # the search left each candidate's scales: the chosen format sets new ones
+        if type(module).__name__.endswith("Quantizer") and hasattr(module, "_amax"):
+            delattr(module, "_amax")
+    with contextlib.redirect_stdout(chatter):
+        model = mtq.quantize(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
+    log.debug("modelopt output:\n%s", chatter.getvalue())
+    counts: dict[str, int] = {}
+    for m in layers.values():
+        counts[m] = counts.get(m, 0) + 1
+    model.quantkit_auto_quantize = {
+        "effective_bits_target": target, "effective_bits": round(16 * cost / quantized, 4),
+        "bits_counted_over": "quantized (non-excluded) linear weights", "floor_bits": round(floor, 4),
+        "candidates": settings["candidates"], "calibration": cfg["algorithm"], "layer_counts": counts,
+        "layers": layers,
+    }
+    return model

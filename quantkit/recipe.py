@@ -55,6 +55,15 @@ class QuantizeSection(_Section):
     activations: Literal["per_tensor", "per_token"] | None = Field(
         default=None, description="INT8 SmoothQuant activation scaling: static per-tensor or dynamic per-token"
     )
+    gptq_damping: float | None = Field(default=None, gt=0.0, le=1.0,
+                                       description="GPTQ damping: fraction of the mean Hessian diagonal added to it")
+    gptq_block: int | None = Field(default=None, gt=0,
+                                   description="GPTQ columns updated per step (a multiple of block_size)")
+    gptq_layerwise: bool | None = Field(
+        default=None, description="GPTQ Hessians from the already-quantized earlier layers (sequential), or at once")
+    effective_bits: float | None = Field(
+        default=None, gt=0.0, le=16.0, description="method auto: average weight bits over the quantized layers")
+    candidates: list[str] | None = Field(default=None, description="method auto: formats searched per layer")
     kv_cache: Literal["fp8"] | None = None
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description="module name patterns kept unquantized")
 
@@ -63,6 +72,12 @@ class QuantizeSection(_Section):
         from quantkit.methods import check_method_settings
 
         check_method_settings(self)  # raises ValueError("field '<knob>': ...") with the fix
+        if self.method == "auto":
+            from quantkit.methods import check_auto_candidates, resolved_settings
+
+            if self.effective_bits is None:
+                raise ValueError("field 'effective_bits': method 'auto' needs a budget, e.g. effective_bits: 5.0")
+            check_auto_candidates(resolved_settings(self)["candidates"])
         return self
 
     @field_validator("smoothquant_alpha")

@@ -69,7 +69,27 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "bench": read_json(bench_path) if bench_path.is_file() else None,
         "baseline": {"run": str(baseline_dir), "metrics": _metrics(baseline_dir)} if baseline_dir else None,
         "versions": quant.get("versions", {}),
+        "auto_quantize": _auto_summary(run_dir),
     }
+
+
+def _auto_summary(run_dir: Path) -> dict[str, Any] | None:
+    """Method auto: achieved and target bits and layers per format (the per-layer list stays in the file)."""
+    path = run_dir / "quantize" / "auto_quantize.json"
+    if not path.is_file():
+        return None
+    choice = read_json(path)
+    return {k: choice[k] for k in ("effective_bits", "effective_bits_target", "layer_counts")} | {
+        "file": "quantize/auto_quantize.json"}
+
+
+def method_text(run: dict) -> str:
+    """The method cell: for auto, the bits it reached and how many layers took each format."""
+    auto = run.get("auto_quantize")
+    if not auto:
+        return run["method"]
+    counts = ", ".join(f"{m} {n}" for m, n in sorted(auto["layer_counts"].items()))
+    return f"{run['method']} ({auto['effective_bits']:.2f} bits: {counts})"
 
 
 def write_run_report(run_dir: Path) -> dict[str, Any]:
@@ -84,6 +104,9 @@ def write_run_report(run_dir: Path) -> dict[str, Any]:
              f"- calibration: `{results['calibration']['dataset']}`, {results['calibration']['n_samples']} x "
              f"{results['calibration']['seq_len']} tokens, seed {results['calibration']['seed']}",
              f"- checkpoint sizes: {_sizes_text(results['sizes'])}",
+             *([f"- per-layer formats: {method_text(results)} for a budget of "
+                f"{results['auto_quantize']['effective_bits_target']} bits ({results['auto_quantize']['file']})"]
+               if results.get("auto_quantize") else []),
              f"- stage times (s): {', '.join(f'{k} {v}' for k, v in results['timings_s'].items())}", "",
              "## Accuracy", "", compare_table(rows, baseline=rows[-1] if results["baseline"] else None)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
@@ -250,7 +273,7 @@ def compare_table(runs: list[dict], baseline: dict | None = None, with_legend: b
     header += [f"{t} {m}{' ↓' if lb else ''}" for t, m, lb in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run["run"], run["method"], _settings_text(run.get("settings", {})), _size_mib(run)]
+        cells = [run["run"], method_text(run), _settings_text(run.get("settings", {})), _size_mib(run)]
         if has_speed:
             cells.append(_speed(run))
         cells += [make_cell(run, baseline, t, m, lb).markdown() for t, m, lb in columns]
@@ -271,7 +294,8 @@ def compare_rows(runs: list[dict], baseline: dict | None = None) -> list[dict[st
         row: dict[str, Any] = {"run": run["run"], "method": run["method"],
                                "settings": _settings_text(run.get("settings", {})).strip("()"),
                                "hf_bytes": sizes.get("hf_bytes"), "trtllm_bytes": sizes.get("trtllm_bytes"),
-                               "decode_tok_s_b1": decode_tok_s(run)}
+                               "decode_tok_s_b1": decode_tok_s(run),
+                               "effective_bits": (run.get("auto_quantize") or {}).get("effective_bits")}
         for task, metric, lb in table_columns(runs):
             c = make_cell(run, baseline, task, metric, lb)
             key = f"{task}.{metric}"

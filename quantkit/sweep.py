@@ -579,8 +579,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", help="run folders, or a sweep folder")
     p.add_argument("--max-loss", action="append", default=[], metavar="TASK.METRIC=X[%|pt]", required=True,
                    help="e.g. wiki_ppl.word_perplexity=1%% (relative) or hellaswag.acc_norm=0.02 (absolute)")
-    p.add_argument("--by", choices=["size", "speed"], default="size",
-                   help="size: smallest HF checkpoint; speed: highest decode tokens/s at batch 1 (quantkit bench)")
+    from quantkit.choose import BY
+
+    p.add_argument("--by", choices=list(BY), default="size",
+                   help="size: smallest HF checkpoint; speed: highest decode tokens/s at batch 1 (quantkit bench); "
+                   "bits: fewest effective weight bits among method auto runs")
     p.add_argument("--baseline", default=None, help="run folder to measure losses against (default: method none)")
     p.add_argument("--conservative", action="store_true",
                    help="count loss + 2 standard errors against the budget (where lm-eval has a stderr)")
