@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.archs import arch_info
+from quantkit.archs import trtllm_decoder_type
 from quantkit.errors import QuantkitError
 from quantkit.models import DTYPES
 
@@ -57,9 +57,17 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     """
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
+    _ensure_architectures(model)
     with _quiet(), torch.no_grad():
         requantize_resmooth_fused_llm_layers(model)
     return model
+
+
+def _ensure_architectures(model: torch.nn.Module) -> None:
+    """ModelOpt's HF exporter and its fused-layer rewrite iterate `config.architectures` (a config built in code
+    has none): the transformers class is that name, for any family."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
 
 
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
@@ -67,10 +75,10 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
     """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    info = arch_info(model.config.model_type)
+    decoder_type = trtllm_decoder_type(model.config.model_type)  # the family file's, or why there is none
     with staging_dir(target) as tmp, _quiet():
         try:
-            export_tensorrt_llm_checkpoint(model, decoder_type=info["trtllm_decoder_type"], dtype=DTYPES[dtype],
+            export_tensorrt_llm_checkpoint(model, decoder_type=decoder_type, dtype=DTYPES[dtype],
                                            export_dir=tmp, inference_tensor_parallel=tp_size,
                                            inference_pipeline_parallel=pp_size)
         except Exception as exc:
@@ -127,9 +135,7 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
 
     model = copy.deepcopy(model)
 
-    if not getattr(model.config, "architectures", None):
-        # The exporter reads architectures to label the checkpoint; take it from the arch file.
-        model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
+    _ensure_architectures(model)
     with staging_dir(target) as tmp, _quiet():
         export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
         if (tmp / "hf_quant_config.json").is_file():

@@ -143,14 +143,15 @@ def resolve_model_path(source: str) -> str:
     return source  # a Hub id: transformers downloads it (or fails offline; see load_model)
 
 
-def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu"):
-    """Load (model, tokenizer); model in eval mode on `device`."""
+def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu", *, trust_remote_code: bool = False):
+    """Load (model, tokenizer); model in eval mode on `device`. trust_remote_code: the recipe's
+    model.trust_remote_code (a model whose modeling code ships with its weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelSourceError(
             f"could not load model '{source}' ({str(exc).splitlines()[0]})",

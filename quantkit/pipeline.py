@@ -73,17 +73,17 @@ class RunCache:
         self.calibration_sets[key] = calib
         return calib
 
-    def load_model(self, source: str, dtype: str, device: str):
+    def load_model(self, source: str, dtype: str, device: str, trust_remote_code: bool = False):
         """(fresh unquantized model on `device`, shared tokenizer)."""
         from quantkit.models import load_model, resolve_model_path
 
         path = resolve_model_path(source)
-        key = (path, dtype)
-        tokenizer = self.tokenizer(path)
+        key = (path, dtype, trust_remote_code)
+        tokenizer = self.tokenizer(path, trust_remote_code)
         if key in self.models:
             self._hit("model")
             return copy.deepcopy(self.models[key]).to(device), tokenizer
-        model, _ = load_model(source, dtype, "cpu")
+        model, _ = load_model(source, dtype, "cpu", trust_remote_code=trust_remote_code)
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if nbytes <= self.max_model_bytes:
             self.models[key] = model
@@ -95,7 +95,7 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
     """Everything that can fail on bad input, done before the run folder is touched."""
     from transformers import AutoConfig
 
-    from quantkit.archs import arch_info
+    from quantkit.archs import trtllm_decoder_type
     from quantkit.evaluate import TASKS
     from quantkit.models import resolve_model_path
 
@@ -110,14 +110,15 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
         raise QuantkitError(f"could not read the model config of '{recipe.model.source}' "
                             f"({str(exc).splitlines()[0]})", where="model.source",
                             fix="check the Hub id and your network, or give a local model folder") from exc
-    arch_info(config.model_type)
+    if recipe.export.trtllm is not None:
+        trtllm_decoder_type(config.model_type)  # no family file or no TensorRT-LLM export: say so now
     if get_method(recipe.quantize.method).preset is not None:
         from transformers import AutoModelForCausalLM
 
         from quantkit.quantize import check_shapes
 
         with torch.device("meta"):  # shapes only: no memory, no weights read
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         check_shapes(skeleton, recipe.quantize)
     if not get_method(recipe.quantize.method).uses_calibration_data:
         return None
@@ -158,6 +159,7 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
          cache: RunCache | None = None) -> Path:
     from quantkit import export as export_stage
     from quantkit.models import load_model
+    from quantkit.moe import record_expert_coverage
     from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
 
     torch.manual_seed(recipe.calibration.seed)
@@ -182,9 +184,9 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     if needs_model:
         log.info("loading %s (%s) on %s", m.source, m.dtype, device)
         if cache is not None:
-            model, tokenizer = cache.load_model(m.source, m.dtype, device)
+            model, tokenizer = cache.load_model(m.source, m.dtype, device, m.trust_remote_code)
         else:
-            model, tokenizer = load_model(m.source, m.dtype, device)
+            model, tokenizer = load_model(m.source, m.dtype, device, trust_remote_code=m.trust_remote_code)
         state_path = run_dir / "quantize" / "modelopt_state.pth"
         if method.preset is not None and folder.done("quantize", fp_quant) and state_path.is_file():
             import modelopt.torch.opt as mto
@@ -201,6 +203,7 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                             calibration_tokens=int(calib.input_ids.numel()) if calib else 0,
                             calibration_fingerprint=calib.fingerprint if calib else None,
                             quantize_s=round(time.perf_counter() - t0, 2))
+                info.update(record_expert_coverage(model, run_dir / "quantize"))  # MoE only
                 alphas = getattr(model, "quantkit_smoothquant_alphas", None)
                 if alphas:  # alpha: auto — the per-layer choice is part of the run's record
                     atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)
