@@ -70,6 +70,13 @@ def _ensure_architectures(model: torch.nn.Module) -> None:
         model.config.architectures = [type(model).__name__]
 
 
+def _unquantized_moe(model: torch.nn.Module) -> bool:
+    from quantkit.archs import family
+
+    return family(model.config.model_type).moe_router is not None and not any(
+        type(m).__name__ == "TensorQuantizer" for m in model.modules())
+
+
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
                   pp_size: int = 1) -> Path:
     """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""
@@ -137,7 +144,12 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
 
     _ensure_architectures(model)
     with staging_dir(target) as tmp, _quiet():
-        export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
+        if _unquantized_moe(model):
+            # ModelOpt 0.47 refuses an unquantized model with fused experts ("MoE model with experts type ...
+            # not supported"); unquantized, the HF checkpoint is the transformers model itself
+            model.to(DTYPES[dtype]).save_pretrained(tmp)
+        else:
+            export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
         if (tmp / "hf_quant_config.json").is_file():
             _label_per_token_smoothquant(tmp / "hf_quant_config.json", "quantization", "*.safetensors", ".input_scale")
             algo = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")

@@ -95,7 +95,7 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
     """Everything that can fail on bad input, done before the run folder is touched."""
     from transformers import AutoConfig
 
-    from quantkit.archs import trtllm_decoder_type
+    from quantkit.archs import check_method, trtllm_decoder_type
     from quantkit.evaluate import TASKS
     from quantkit.models import resolve_model_path
 
@@ -112,6 +112,7 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
                             fix="check the Hub id and your network, or give a local model folder") from exc
     if recipe.export.trtllm is not None:
         trtllm_decoder_type(config.model_type)  # no family file or no TensorRT-LLM export: say so now
+    check_method(config.model_type, recipe.quantize.method)
     if get_method(recipe.quantize.method).preset is not None:
         from transformers import AutoModelForCausalLM
 

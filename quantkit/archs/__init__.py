@@ -48,6 +48,8 @@ class Family:
     fused_groups: tuple[FusedGroup, ...] = ()
     moe_router: str | None = None     # module name suffix of the MoE router (quantkit.moe counts its picks)
     runtime_unsupported: str | None = None  # why quantkit.runtime cannot load this family's HF checkpoint
+    unsupported_methods: tuple[str, ...] = ()  # quantize.method values that cannot run or export (preflight)
+    methods_unsupported_reason: str | None = None
     source: str = ""                  # the file it came from, for messages
 
     @property
@@ -66,7 +68,7 @@ GENERIC = Family(
 )
 
 _FIELDS = {"model_types", "trtllm_decoder_type", "trtllm_unsupported", "default_exclude", "fused_groups",
-           "moe_router", "runtime_unsupported"}
+           "moe_router", "runtime_unsupported", "unsupported_methods", "methods_unsupported_reason"}
 _GROUP_FIELDS = {"parent", "parts", "fused", "down", "act"}
 
 
@@ -114,6 +116,14 @@ def load_family_file(path: Path) -> Family:
             raise _bad(path, fld, "a gated MLP group has exactly two parts (gate, up) and both down and act")
         groups.append(FusedGroup(_opt_str(path, f"{fld}.parent", g["parent"]) or "", parts,
                                  _opt_str(path, f"{fld}.fused", g["fused"]) or "", down, act))
+    methods = _str_list(path, "unsupported_methods", data.get("unsupported_methods") or [])
+    why = _opt_str(path, "methods_unsupported_reason", data.get("methods_unsupported_reason"))
+    if bool(methods) != (why is not None):
+        raise _bad(path, "methods_unsupported_reason", "must give the reason exactly when unsupported_methods is set")
+    from quantkit.methods import METHODS
+
+    if set(methods) - set(METHODS):
+        raise _bad(path, "unsupported_methods", f"names unknown methods {sorted(set(methods) - set(METHODS))}")
     return Family(
         name=path.stem,
         model_types=_str_list(path, "model_types", data["model_types"], empty_ok=False),
@@ -122,6 +132,8 @@ def load_family_file(path: Path) -> Family:
         fused_groups=tuple(groups),
         moe_router=_opt_str(path, "moe_router", data.get("moe_router")),
         runtime_unsupported=_opt_str(path, "runtime_unsupported", data.get("runtime_unsupported")),
+        unsupported_methods=methods,
+        methods_unsupported_reason=why,
         source=f"quantkit/archs/{path.name}",
     )
 
@@ -159,3 +171,15 @@ def trtllm_decoder_type(model_type: str) -> str:
             fix="set export.trtllm: null; quantize, the HF unified export (export.hf: true, which TensorRT-LLM's "
                 "PyTorch backend and vLLM load), evaluate and compare still work")
     return fam.trtllm_decoder_type
+
+
+def check_method(model_type: str, method: str) -> None:
+    """Preflight: a method the family file says cannot run or export for this family fails before any work."""
+    fam = family(model_type)
+    if method in fam.unsupported_methods:
+        from quantkit.methods import METHODS
+
+        ok = ", ".join(m for m in METHODS if m not in fam.unsupported_methods)
+        raise QuantkitError(f"method '{method}' does not work for model type '{model_type}' "
+                            f"({fam.methods_unsupported_reason})", where="quantize.method",
+                            fix=f"use one of: {ok}")
