@@ -373,3 +373,55 @@ def test_moe_run_records_expert_coverage_in_the_manifest(tmp_path: Path, tokeniz
     table = json.loads((run / "quantize" / "expert_tokens.json").read_text())
     tokens = 4 * 32  # n_samples x seq_len
     assert all(sum(c) == tokens * 2 for c in table.values())
+
+
+# ------------------------------------------------------------------ model.trust_remote_code
+
+
+_REMOTE_CODE = '''
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "quantkit_remote"
+
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+'''
+
+
+def test_trust_remote_code_reaches_the_model_load(tmp_path: Path, tokenizer) -> None:
+    """A model whose modeling code ships in its folder (config.json auto_map) loads only with
+    model.trust_remote_code, and then through the whole pipeline (a family without a file: HF export only)."""
+    from transformers import LlamaConfig
+
+    from quantkit.models import load_model
+    from quantkit.pipeline import run_recipe
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "remote_model.py").write_text(_REMOTE_CODE)
+    import sys
+
+    sys.path.insert(0, str(folder))
+    try:
+        from remote_model import RemoteConfig, RemoteForCausalLM
+    finally:
+        sys.path.remove(str(folder))
+    torch.manual_seed(0)
+    base = LlamaConfig(**{k: v for k, v in tiny_model("llama").config.to_dict().items()
+                          if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads")}, vocab_size=len(tokenizer))
+    cfg = RemoteConfig(**base.to_dict())
+    cfg.auto_map = {"AutoConfig": "remote_model.RemoteConfig", "AutoModelForCausalLM": "remote_model.RemoteForCausalLM"}
+    RemoteForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder), "float32")
+    model, _ = load_model(str(folder), "float32", trust_remote_code=True)
+    assert type(model).__name__ == "RemoteForCausalLM" and model.config.model_type == "quantkit_remote"
+    recipe = _recipe(folder, "fp8", tmp_path, trtllm=False)
+    recipe.model.trust_remote_code = True
+    run = run_recipe(recipe, device="cpu")
+    assert json.loads((run / "manifest.json").read_text())["stages"]["check"]["violations"] == []
