@@ -715,10 +715,16 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu", dtype
     missing = [k for k in missing if k not in tied]
     if missing:
         raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:5]}")
-    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint and to_empty left them uninitialized.
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are not in the checkpoint and to_empty left them
+    # uninitialized. _init_weights also re-draws the module's own parameters (Gemma's scaled embedding is such a
+    # module): keep the loaded ones.
     for mod in model.modules():
         if any(n in mod._non_persistent_buffers_set for n, _ in mod.named_buffers(recurse=False)):
+            loaded = {n: p.detach().clone() for n, p in mod.named_parameters(recurse=False)}
             model._init_weights(mod)
+            with torch.no_grad():
+                for n, p in mod.named_parameters(recurse=False):
+                    p.copy_(loaded[n])
 
     plan: dict[str, dict[str, str]] = {}
     for name, (fmt, lin) in quantized.items():
