@@ -425,3 +425,30 @@ def test_trust_remote_code_reaches_the_model_load(tmp_path: Path, tokenizer) -> 
     recipe.model.trust_remote_code = True
     run = run_recipe(recipe, device="cpu")
     assert json.loads((run / "manifest.json").read_text())["stages"]["check"]["violations"] == []
+
+
+# ------------------------------------------------------------------ the bundled non-Llama model
+
+
+def test_bundled_gemma3_converts_with_a_working_tokenizer() -> None:
+    """builtin:gemma3-270m (a real Gemma 3, gemma3_text family): the converted folder loads as a normal HF model,
+    its tokenizer adds BOS and merges words (transformers' own GGUF Gemma tokenizer splits them into
+    characters), and the model predicts held-out Wikipedia text (token perplexity 19.3 measured; with the
+    character-splitting tokenizer it is 2300)."""
+    import math
+
+    from quantkit.calibration import load_texts
+    from quantkit.models import load_model
+
+    model, tok = load_model("builtin:gemma3-270m", "float32")
+    assert model.config.model_type == "gemma3_text" and family("gemma3_text").name == "gemma3_text"
+    ids = tok("Hello world, this is a test.").input_ids
+    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[1:3]) == ["Hello", "▁world"]
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello world, this is a test."
+    total, n = 0.0, 0
+    for text in load_texts("builtin:wiki", "text")[:4]:
+        x = tok(text, return_tensors="pt").input_ids[:, :256]
+        with torch.no_grad():
+            total += model(x, labels=x).loss.item() * (x.shape[1] - 1)
+        n += x.shape[1] - 1
+    assert math.exp(total / n) < 40, math.exp(total / n)
