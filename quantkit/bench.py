@@ -343,7 +343,8 @@ def bench_run(run_dir: str | Path, bench_section: BenchSection | None = None, de
         log.info("engine %s found, but TensorRT-LLM or CUDA is missing here: benchmarking the HF checkpoint "
                  "with quantkit.runtime instead", engine_dir)
     if method == "none":
-        model, tokenizer = load_model(recipe["model"]["source"], dtype_name, device)
+        model, tokenizer = load_model(recipe["model"]["source"], dtype_name, device,
+                                      trust_remote_code=recipe["model"].get("trust_remote_code", False))
         size_path = hf_dir if hf_dir.is_dir() else Path(resolve_model_path(recipe["model"]["source"]))
         loaded = f"unquantized {recipe['model']['source']}"
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.archs import arch_info
+from quantkit.archs import trtllm_decoder_type
 from quantkit.errors import QuantkitError
 from quantkit.models import DTYPES
 
@@ -69,6 +69,7 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     from modelopt.torch.export import unified_export_hf
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
+    _ensure_architectures(model)
     # AWQ: the function also folds the shared pre-quant scale of q/k/v and gate/up into the preceding norm and
     # deletes it from those linears. Done in place, the TensorRT-LLM exporter then writes no
     # prequant_scaling_factor for qkv/fc/gate while config.json says pre_quant_scale: true, and TensorRT-LLM's
@@ -175,17 +176,31 @@ def _share_kv_scale(model: torch.nn.Module) -> None:
         k.amax, v.amax = shared.clone(), shared.clone()
 
 
+def _ensure_architectures(model: torch.nn.Module) -> None:
+    """ModelOpt's HF exporter and its fused-layer rewrite iterate `config.architectures` (a config built in code
+    has none): the transformers class is that name, for any family."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+
+
+def _unquantized_moe(model: torch.nn.Module) -> bool:
+    from quantkit.archs import family
+
+    return family(model.config.model_type).moe_router is not None and not any(
+        type(m).__name__ == "TensorQuantizer" for m in model.modules())
+
+
 def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", tp_size: int = 1,
                   pp_size: int = 1) -> Path:
     """TensorRT-LLM checkpoint via `modelopt.torch.export.export_tensorrt_llm_checkpoint`."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    info = arch_info(model.config.model_type)
+    decoder_type = trtllm_decoder_type(model.config.model_type)  # the family file's, or why there is none
     # The plugin SmoothQuant and AWQ layouts need the fused layers' shared scales; a no-op after the pipeline's call.
     prepare_for_deployment(model)
     with staging_dir(target) as tmp, _quiet():
         try:
-            export_tensorrt_llm_checkpoint(model, decoder_type=info["trtllm_decoder_type"], dtype=DTYPES[dtype],
+            export_tensorrt_llm_checkpoint(model, decoder_type=decoder_type, dtype=DTYPES[dtype],
                                            export_dir=tmp, inference_tensor_parallel=tp_size,
                                            inference_pipeline_parallel=pp_size)
         except Exception as exc:
@@ -373,11 +388,14 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
     """
     from modelopt.torch.export import export_hf_checkpoint
 
+    _ensure_architectures(model)
     with staging_dir(target) as tmp, _undo_in_place_export(model), _quiet():
-        if not getattr(model.config, "architectures", None):
-            # The exporter reads architectures to label the checkpoint; take it from the arch file.
-            model.config.architectures = arch_info(model.config.model_type)["hf_architectures"]
-        export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
+        if _unquantized_moe(model):
+            # ModelOpt 0.47 refuses an unquantized model with fused experts ("MoE model with experts type ...
+            # not supported"); unquantized, the HF checkpoint is the transformers model itself
+            model.save_pretrained(tmp, state_dict={k: v.to(DTYPES[dtype]) for k, v in model.state_dict().items()})
+        else:
+            export_hf_checkpoint(model, dtype=DTYPES[dtype], export_dir=tmp)
         if (tmp / "hf_quant_config.json").is_file():
             _label_per_token_smoothquant(tmp / "hf_quant_config.json", "quantization", "*.safetensors", ".input_scale")
             algo = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"].get("quant_algo")

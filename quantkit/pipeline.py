@@ -116,7 +116,7 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
     """Everything that can fail on bad input, done before the run folder is touched."""
     from transformers import AutoConfig
 
-    from quantkit.archs import arch_info
+    from quantkit.archs import check_method, trtllm_decoder_type
     from quantkit.evaluate import resolve_tasks
     from quantkit.models import resolve_model_path
 
@@ -129,14 +129,16 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
         raise QuantkitError(f"could not read the model config of '{recipe.model.source}' "
                             f"({str(exc).splitlines()[0]})", where="model.source",
                             fix="check the Hub id and your network, or give a local model folder") from exc
-    arch_info(config.model_type)
+    if recipe.export.trtllm is not None:
+        trtllm_decoder_type(config.model_type)  # no family file or no TensorRT-LLM export: say so now
+    check_method(config.model_type, recipe.quantize.method)
     if get_method(recipe.quantize.method).preset is not None:
         from transformers import AutoModelForCausalLM
 
         from quantkit.quantize import check_shapes
 
         with torch.device("meta"):  # shapes only: no memory, no weights read
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         check_shapes(skeleton, recipe.quantize)
     if not get_method(recipe.quantize.method).uses_calibration_data:
         return None
@@ -259,6 +261,7 @@ PLACEMENT_FIELDS = ("device_map", "max_memory")
 def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path, info: dict):
     """Calibrate, then write the small resume state (quantizer state and weight folds, no weights)."""
     from quantkit import resume
+    from quantkit.moe import record_expert_coverage
     from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
 
     q = recipe.quantize
@@ -272,6 +275,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
                 calibration_tokens=int(calib.input_ids.numel()) if calib is not None else 0,
                 calibration_fingerprint=calib.fingerprint if calib is not None else None,
                 quantize_s=round(time.perf_counter() - t0, 2))
+    info.update(record_expert_coverage(model, run_dir / "quantize"))  # MoE only
     alphas = getattr(model, "quantkit_smoothquant_alphas", None)
     if alphas:  # alpha: auto — the per-layer choice is part of the run's record
         atomic_write_json(run_dir / "quantize" / "smoothquant_alphas.json", alphas)

@@ -15,13 +15,24 @@ from tqdm.auto import tqdm
 from quantkit.calibration import CPU_AUTO_BATCH, CalibrationSet
 from quantkit.errors import OOM_FIX, QuantkitError, is_out_of_memory, out_of_memory
 from quantkit.methods import build_modelopt_config, get_method, resolved_settings
+from quantkit.moe import ExpertTokenCounter
 from quantkit.recipe import QuantizeSection
 
 log = logging.getLogger(__name__)
 
 
 def _excluded(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, f"*{p}*") for p in patterns)
+    # name + ".": ModelOpt matches the same patterns against quantizer names ("<module>.weight_quantizer"), so a
+    # pattern such as "mlp.gate." (a MoE router, not mlp.gate_proj) means the same module in both places
+    return any(fnmatch.fnmatch(name + ".", f"*{p}*") for p in patterns)
+
+
+def with_family_defaults(model: torch.nn.Module, section: QuantizeSection) -> QuantizeSection:
+    """The recipe's quantize section plus the family file's default exclusions (MoE routers, ...)."""
+    from quantkit.archs import default_exclude
+
+    merged = default_exclude(getattr(model.config, "model_type", ""), section.exclude)
+    return section if merged == list(section.exclude) else section.model_copy(update={"exclude": merged})
 
 
 def quantized_linears(model: torch.nn.Module, exclude: list[str]) -> dict[str, torch.nn.Linear]:
@@ -34,6 +45,7 @@ def check_shapes(model: torch.nn.Module, section: QuantizeSection) -> None:
     block = settings.get("block_size")
     if not block:
         return
+    section = with_family_defaults(model, section)
     bad = {n: m.in_features for n, m in quantized_linears(model, section.exclude).items() if m.in_features % block}
     if bad:
         dims = sorted(set(bad.values()))
@@ -112,6 +124,7 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
                    counter: ForwardCounter | None = None) -> torch.nn.Module:
     """Quantize `model` in place (ModelOpt fake quantization) and return it."""
     method = get_method(section.method)
+    section = with_family_defaults(model, section)
     if method.name == "auto":
         return auto_quantize_model(model, section, calib, counter)
     cfg = build_modelopt_config(section)
@@ -131,6 +144,10 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
         calib = resolve_batch_size(model, calib, section)
         counter.batch_size = calib.batch_size
         forward_loop = make_forward_loop(calib, counter, desc=f"calibrate {method.name}")
+        experts = ExpertTokenCounter(model)  # MoE: which experts the calibration data reaches
+        forward_loop = experts.wrap(forward_loop)
+        if experts.routers:
+            model.quantkit_expert_tokens = experts.counts  # recorded in the manifest by the pipeline
     # ModelOpt prints its config and every inserted quantizer: keep that in the debug log, not the terminal.
     settings = resolved_settings(section)
     chatter = io.StringIO()

@@ -515,40 +515,57 @@ class FusedGateUpMLP(nn.Module):
 
 
 def fuse_projections(model: nn.Module) -> list[str]:
-    """Fuse q/k/v into one GEMM per attention layer and gate/up into one per MLP, in place (as TensorRT-LLM's
-    checkpoints do). Same arithmetic: the parts share their input, input scale and pre-quant scale (checked), and
-    keep their own weight scales (fp8: per-row). Returns the names of the fused layers; `model.quantkit_kernels`
-    is updated to them."""
+    """Fuse the layer groups the family file names (`fused_groups`: q/k/v into one GEMM per attention layer,
+    gate/up into one per gated MLP), in place, as TensorRT-LLM's checkpoints do. Same arithmetic: the parts share
+    their input, input scale and pre-quant scale (checked), and keep their own weight scales (fp8: per-row).
+    Returns the names of the fused layers; `model.quantkit_kernels` is updated to them."""
+    fam = runtime_family(model.config.model_type)
     fused: list[str] = []
     plan = getattr(model, "quantkit_kernels", None)
-    for name, mod in list(model.named_modules()):
-        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj")):
-            parts = [mod.q_proj, mod.k_proj, mod.v_proj]
+    for group in fam.fused_groups:
+        for name, mod in list(model.named_modules()):
+            if not (name == group.parent or name.endswith("." + group.parent)):
+                continue
+            needed = (*group.parts, *((group.down, group.act) if group.down else ()))
+            if not all(hasattr(mod, a) for a in needed):
+                continue  # e.g. a MoE layer's mlp in a family whose dense layers have gate/up
+            parts = [getattr(mod, a) for a in group.parts]
             if not _can_fuse(parts):
                 continue
-            qkv = _concat(parts)
-            shared = _SharedOutput(qkv, [p.out_features for p in parts])
-            mod.qkv_proj = qkv
-            for i, attr in enumerate(("q_proj", "k_proj", "v_proj")):
-                setattr(mod, attr, FusedPart(shared, i, parts[i].in_features, parts[i].out_features))
-            fused.append(f"{name}.qkv_proj")
-        elif type(mod).__name__.endswith("MLP") and all(hasattr(mod, a) for a in
-                                                         ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            parts = [mod.gate_proj, mod.up_proj]
-            if parts[0].out_features != parts[1].out_features or not _can_fuse(parts):
-                continue
-            model.set_submodule(name, FusedGateUpMLP(_concat(parts), mod.down_proj, mod.act_fn,
-                                                     parts[0].out_features))
-            fused.append(f"{name}.gate_up_proj")
-        else:
-            continue
-        if plan is not None:
-            for old in ("q_proj", "k_proj", "v_proj") if fused[-1].endswith("qkv_proj") else ("gate_proj", "up_proj"):
-                info = plan.pop(f"{name}.{old}", None)
-            new = model.get_submodule(fused[-1])
-            if info is not None and isinstance(new, QuantLinear):
-                plan[fused[-1]] = {"format": new.fmt, **new.kernels}
+            new_name = f"{name}.{group.fused}"
+            if group.down is not None:
+                if parts[0].out_features != parts[1].out_features:
+                    continue
+                model.set_submodule(name, FusedGateUpMLP(_concat(parts), getattr(mod, group.down),
+                                                         getattr(mod, group.act), parts[0].out_features))
+            else:
+                joined = _concat(parts)
+                shared = _SharedOutput(joined, [p.out_features for p in parts])
+                setattr(mod, group.fused, joined)
+                for i, attr in enumerate(group.parts):
+                    setattr(mod, attr, FusedPart(shared, i, parts[i].in_features, parts[i].out_features))
+            fused.append(new_name)
+            if plan is not None:
+                info = None
+                for old in group.parts:
+                    info = plan.pop(f"{name}.{old}", None)
+                new = model.get_submodule(new_name)
+                if info is not None and isinstance(new, QuantLinear):
+                    plan[new_name] = {"format": new.fmt, **new.kernels}
     return fused
+
+
+def runtime_family(model_type: str):
+    """The family file, or why quantkit's runtime cannot run this model type (no file, or MoE experts)."""
+    from quantkit.archs import family
+    from quantkit.errors import QuantkitError
+
+    fam = family(model_type)
+    if fam.runtime_unsupported is not None:
+        raise QuantkitError(f"quantkit's runtime cannot run model type '{model_type}': {fam.runtime_unsupported}",
+                            where="runtime", fix="evaluate the quantized model in the run (quantkit run), or deploy "
+                            "the HF unified checkpoint with TensorRT-LLM's PyTorch backend or vLLM")
+    return fam
 
 
 # ----------------------------------------------------------------------------- attention (GQA without repeat_kv)
@@ -667,6 +684,7 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu", dtype
     device = torch.device(device)
     qcfg = read_quant_config(hf_dir)
     config = AutoConfig.from_pretrained(hf_dir)
+    runtime_family(config.model_type)  # before reading any tensor: a family the runtime cannot run says why
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # transformers has no 'modelopt' quantizer: we do the quantized part
     tensors = _read_tensors(hf_dir)
@@ -697,10 +715,16 @@ def load_quantized(hf_dir: str | Path, device: str | torch.device = "cpu", dtype
     missing = [k for k in missing if k not in tied]
     if missing:
         raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:5]}")
-    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint and to_empty left them uninitialized.
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are not in the checkpoint and to_empty left them
+    # uninitialized. _init_weights also re-draws the module's own parameters (Gemma's scaled embedding is such a
+    # module): keep the loaded ones.
     for mod in model.modules():
         if any(n in mod._non_persistent_buffers_set for n, _ in mod.named_buffers(recurse=False)):
+            loaded = {n: p.detach().clone() for n, p in mod.named_parameters(recurse=False)}
             model._init_weights(mod)
+            with torch.no_grad():
+                for n, p in mod.named_parameters(recurse=False):
+                    p.copy_(loaded[n])
 
     plan: dict[str, dict[str, str]] = {}
     for name, (fmt, lin) in quantized.items():
