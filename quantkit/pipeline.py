@@ -268,6 +268,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
     method = get_method(q.method)
     counter = ForwardCounter()
     t0 = time.perf_counter()
+    source = resume.weight_checksums(model) if method.preset is not None else None
     with resume.record_weight_folds(model) as folds:
         model = quantize_model(model, q, calib, counter)
     info.update(settings=resolved_settings(q), quantizers=quantizer_summary(model),
@@ -287,7 +288,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
         info["effective_bits"] = choice["effective_bits"]
     if method.preset is not None:
         state_path = run_dir / "quantize" / resume.STATE_FILE
-        blob = resume.state_bytes(model, folds)
+        blob = resume.state_bytes(model, folds, source_checksums=source)
         with resource_errors("quantize", state_path, len(blob)):
             atomic_write_bytes(state_path, blob)
         info["state_bytes"] = len(blob)
@@ -325,12 +326,13 @@ def planned_write_bytes(recipe: Recipe) -> dict[str, int]:
                                         trust_remote_code=recipe.model.trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    cfg = build_modelopt_config(recipe.quantize)
     q, e = recipe.quantize, recipe.export
+    # method auto has no single config before its search: bound it by the unquantized size
+    cfg = None if q.method == "auto" else build_modelopt_config(q)
     export = (checkpoint_bytes(skeleton, cfg, q.exclude, e.trtllm.dtype) if e.trtllm is not None else 0) + (
         checkpoint_bytes(skeleton, cfg, q.exclude, recipe.model.dtype) if e.hf else 0)
     # Resume state: quantizer scales and fold factors; 1% of the checkpoint bounds it (measured: 0.1-0.3%).
-    quantize = (export // 100 + (1 << 20)) if cfg is not None else 0
+    quantize = (export // 100 + (1 << 20)) if get_method(q.method).preset is not None else 0
     return {"quantize": quantize, "export": export}
 
 

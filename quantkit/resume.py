@@ -10,6 +10,8 @@ A rerun (other evaluation tasks, a crash after calibration) reloads the source w
   weights); the fp32 scale of every fold is recorded and replayed with the same arithmetic, so the restored
   weights are bit-identical. An exact integer checksum of every weight proves it on restore.
 For an 8B model this is a few MB instead of the 16 GB `mto.save` writes (weights included).
+Algorithms that rewrite weights outright (GPTQ's error feedback) cannot be replayed from scales: the weights they
+changed are stored as they are (`rewritten`), so an int4_gptq state is about the size of its quantized layers.
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ def _owner_weight(modules: dict, quantizer_name: str) -> torch.Tensor | None:
     return getattr(modules.get(owner), "weight", None) if sep else None
 
 
-def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], extra: dict | None = None) -> bytes:
-    """Serialize the resume state of a just-calibrated model."""
+def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], extra: dict | None = None,
+                source_checksums: dict[str, int] | None = None) -> bytes:
+    """Serialize the resume state of a just-calibrated model. `source_checksums` (weight_checksums before
+    calibration): weights that changed other than by a recorded fold are stored whole."""
     import modelopt.torch.opt as mto
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.utils import get_quantizer_state_dict
@@ -138,9 +142,14 @@ def state_bytes(model: torch.nn.Module, folds: list[tuple[str, torch.Tensor]], e
                      if isinstance(getattr(m, a, None), torch.Tensor)}
             if found:
                 attrs[name] = found
+    checksums = weight_checksums(model)
+    folded = {f"{name}.weight" for name, _ in folds}
+    params = dict(model.named_parameters())
+    rewritten = {n: params[n].detach().cpu().clone() for n, c in (source_checksums or {}).items()
+                 if n not in folded and checksums.get(n, c) != c}
     state = {"format": FORMAT, "modelopt_state": mto.modelopt_state(model), "quantizers": quantizers,
-             "derived_amax": derived_amax, "attrs": attrs, "folds": folds, "checksums": weight_checksums(model),
-             "extra": extra or {}}
+             "derived_amax": derived_amax, "attrs": attrs, "folds": folds, "rewritten": rewritten,
+             "checksums": checksums, "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -163,6 +172,11 @@ def restore(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, dict]:
             linear = modules[name]
             with enable_weight_access_and_writeback(linear, model, modules):
                 _fold(linear, scale)
+        params = dict(model.named_parameters())
+        for name, weight in state.get("rewritten", {}).items():  # GPTQ: the weights it wrote
+            owner = modules[name.rpartition(".")[0]]
+            with enable_weight_access_and_writeback(owner, model, modules):
+                params[name].data.copy_(weight.to(params[name].device))
         quantizers = state["quantizers"]
         for name, spec in state["derived_amax"].items():
             owner = modules[name.rpartition(".weight_quantizer")[0]]

@@ -162,6 +162,12 @@ class TrtLinear(nn.Module):
         self.t = {k: v for k, v in t.items()}
         self.weight_f = self._weight()
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(device)` moves parameters and buffers only: the checkpoint tensors live in a dict
+        self.t = {k: fn(v) for k, v in self.t.items()}
+        self.weight_f = fn(self.weight_f)
+        return super()._apply(fn, recurse)
+
     def _weight(self) -> torch.Tensor:
         """The weight the GEMM multiplies, as float32 [out, in] (codes times scales where the GEMM applies them)."""
         t, algo = self.t, self.algo
@@ -316,7 +322,8 @@ def load_reference(folder: str | Path) -> nn.Module:
                     raise QuantkitError(f"{pre}.attention has no {KV_SCALE}", where=WHERE,
                                         fix="run `quantkit check` on the checkpoint")
                 scale = torch.maximum(*pair)
-            layer.self_attn.quantkit_k_scale = layer.self_attn.quantkit_v_scale = scale.float().reshape(())
+            for kv in ("quantkit_k_scale", "quantkit_v_scale"):  # buffers: they move with `.to(device)`
+                layer.self_attn.register_buffer(kv, scale.float().reshape(()).clone())
     if kv_algo == "FP8":
         from quantkit.runtime import use_quantkit_attention
 

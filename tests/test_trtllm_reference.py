@@ -267,3 +267,18 @@ def test_per_token_smoothquant_refuses_excluded_decoder_linears(tmp_path: Path) 
     with pytest.raises(QuantkitError, match=r"layers\.1\.mlp\.proj"):
         export_trtllm(model, tmp_path / "t", dtype="float16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_moves_every_tensor_it_reads_with_to() -> None:
+    """On the H200 the reference failed with 'Expected all tensors to be on the same device': the checkpoint tensors
+    of each linear sat in a plain dict that `.to(device)` does not see. A dtype move shows the same on CPU."""
+    from quantkit.trtllm_reference import TrtLinear, load_reference
+
+    _, ckpt = pipeline_export(METHODS["fp8_kv"], 1, 1)
+    model = load_reference(ckpt).to(torch.float64)
+    linears = [m for m in model.modules() if isinstance(m, TrtLinear)]
+    assert linears
+    for m in linears:
+        assert m.weight_f.dtype == torch.float64
+        assert all(v.dtype == torch.float64 for v in m.t.values() if v.is_floating_point())
+    assert all(layer.self_attn.quantkit_k_scale.dtype == torch.float64 for layer in model.model.layers)
