@@ -23,7 +23,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8_sq": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_tensor"},  # static act. scales
     "int8_sq_pt": {"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_token"},
     "int4_awq": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_lite"},  # writes pre-quant scales
-    "int4_awq_clip": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_clip"},  # the default: none
+    "int4_awq_clip": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_clip"},  # the SmolLM2 recipes: none
     "int4_rtn": {"method": "int4_rtn", "block_size": 64},
     "int4_gptq": {"method": "int4_gptq", "block_size": 64, "gptq_block": 64},
     "fp8": {"method": "fp8"},

@@ -371,7 +371,8 @@ def test_resume_state_of_awq_clip_costs_one_byte_per_block(tmp_path):
     model = make_tiny_llama(hidden=128, vocab=512).to(torch.bfloat16)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
     with resume.record_weight_folds(model) as folds:
-        quantize_model(model, QuantizeSection(method="int4_awq", block_size=64), CalibrationSet(ids, 2, "x"))
+        quantize_model(model, QuantizeSection(method="int4_awq", block_size=64, awq_algorithm="awq_clip"),
+                       CalibrationSet(ids, 2, "x"))
     blob = resume.state_bytes(model, folds)
     state = torch.load(io.BytesIO(blob), weights_only=False)
     specs = state["derived_amax"]
