@@ -61,8 +61,8 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     """Make the in-memory model compute what the checkpoints will hold, before exporting and evaluating.
 
     Layers that read the same input (q/k/v, gate/up) must share one pre-quant scale and input scale in a
-    deployed engine. Both ModelOpt exporters re-balance them (`requantize_resmooth_fused_llm_layers`), the HF
-    one on its own copy: doing it once here, in place, means the evaluated model is the shipped model.
+    deployed engine. Both ModelOpt exporters re-balance them (`requantize_resmooth_fused_llm_layers`; `export_hf`
+    puts back what the HF one rebinds): doing it once here, in place, means the evaluated model is the shipped one.
     """
     from unittest import mock
 
@@ -74,7 +74,7 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     # deletes it from those linears. Done in place, the TensorRT-LLM exporter then writes no
     # prequant_scaling_factor for qkv/fc/gate while config.json says pre_quant_scale: true, and TensorRT-LLM's
     # WeightOnlyGroupwiseQuantLinear requires one on every linear (issue 12). Re-share, do not fold: the HF
-    # exporter folds on its own copy, which computes the same thing.
+    # exporter folds while it writes (undone afterwards by export_hf), which computes the same thing.
     with _quiet(), torch.no_grad(), mock.patch.object(unified_export_hf, "fuse_prequant_layernorm",
                                                       lambda *_a, **_k: None):
         requantize_resmooth_fused_llm_layers(model)
