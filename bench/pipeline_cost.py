@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from quantkit.runfolder import dir_bytes  # noqa: E402 - after the path insert
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
@@ -55,8 +56,6 @@ def _peak_gpu_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def make_model(folder: Path, layers: int, small: bool = False) -> float:
@@ -133,7 +132,7 @@ def job_quantkit(args) -> dict:
     q = stages.get("quantize", {})
     return {"wall_s": round(wall, 2), "stages_s": st, "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "disk_bytes": _dir_bytes(run_dir), "export_bytes": _dir_bytes(run_dir / "export"),
+            "disk_bytes": dir_bytes(run_dir), "export_bytes": dir_bytes(run_dir / "export"),
             "state_bytes": q.get("state_bytes"), "batch_size": q.get("calibration_batch_size")}
 
 
@@ -199,7 +198,7 @@ def job_direct(args) -> dict:
     wall = time.perf_counter() - t0
     return {"wall_s": round(wall, 2), "stages_s": st, "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "disk_bytes": _dir_bytes(out), "export_bytes": _dir_bytes(out), "status": status}
+            "disk_bytes": dir_bytes(out), "export_bytes": dir_bytes(out), "status": status}
 
 
 def child(args, job: str, method: str, offload: bool, timeout: int) -> dict:
@@ -284,7 +283,7 @@ def main() -> None:
     if not text.is_file():
         make_text(text, args.samples * args.seq)
     args.model_dir, args.text = str(model_dir), str(text)
-    model_gib = _dir_bytes(model_dir) / 2**30
+    model_gib = dir_bytes(model_dir) / 2**30
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     results.setdefault("rows", {})

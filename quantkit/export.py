@@ -57,6 +57,9 @@ def _quiet():
     return stack
 
 
+PREPARED = "quantkit_prepared_for_deployment"  # set on a model once its fused-layer scales are re-shared
+
+
 def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     """Make the in-memory model compute what the checkpoints will hold, before exporting and evaluating.
 
@@ -69,6 +72,8 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
     from modelopt.torch.export import unified_export_hf
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
+    if getattr(model, PREPARED, False):  # the pipeline prepared it already; export_trtllm asks again
+        return model
     _ensure_architectures(model)
     # AWQ: the function also folds the shared pre-quant scale of q/k/v and gate/up into the preceding norm and
     # deletes it from those linears. Done in place, the TensorRT-LLM exporter then writes no
@@ -79,6 +84,7 @@ def prepare_for_deployment(model: torch.nn.Module) -> torch.nn.Module:
                                                       lambda *_a, **_k: None):
         requantize_resmooth_fused_llm_layers(model)
         _share_kv_scale(model)
+    setattr(model, PREPARED, True)
     return model
 
 
@@ -196,7 +202,7 @@ def export_trtllm(model: torch.nn.Module, target: Path, dtype: str = "float16", 
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     decoder_type = trtllm_decoder_type(model.config.model_type)  # the family file's, or why there is none
-    # The plugin SmoothQuant and AWQ layouts need the fused layers' shared scales; a no-op after the pipeline's call.
+    # The plugin SmoothQuant and AWQ layouts need the fused layers' shared scales; skipped after the pipeline's call.
     prepare_for_deployment(model)
     with staging_dir(target) as tmp, _quiet():
         try:
@@ -405,11 +411,6 @@ def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> 
                 qc["quant_algo"] = algo  # keep config.json consistent with hf_quant_config.json
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return target
-
-
-def save_tokenizer(tokenizer, *targets: Path) -> None:
-    for t in targets:
-        tokenizer.save_pretrained(t)
 
 
 def _stored_weight_bytes(cfg: dict | None) -> float | None:

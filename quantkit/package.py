@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from quantkit.errors import QuantkitError
+from quantkit.runfolder import dir_bytes
 
 NOT_METRICS = {"n", "samples", "limit", "alias"}  # counts and labels that results.json keeps next to metrics
 CHECKPOINTS = {"trtllm": "TensorRT-LLM checkpoint", "hf": "HF unified checkpoint (ModelOpt)"}
@@ -54,8 +55,6 @@ def write_sha256sums(root: Path) -> Path:
     return out
 
 
-def _dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _human(n: float) -> str:
@@ -197,7 +196,7 @@ def render_model_card(bundle: Path, recipe: dict, results: dict | None, plan: di
         d = bundle / "checkpoints" / key
         if d.is_dir():
             n = sum(1 for p in d.rglob("*") if p.is_file())
-            out.append(f"| {label} | `checkpoints/{key}/` | {n} | {_human(_dir_bytes(d))} |")
+            out.append(f"| {label} | `checkpoints/{key}/` | {n} | {_human(dir_bytes(d))} |")
         else:
             out.append(f"| {label} | not exported | — | — |")
     verdict = ("passes every rule" if not violations else
@@ -336,5 +335,5 @@ def run_package_cli(args) -> int:
         return exc.exit_code
     with contextlib.suppress(OSError):
         n = sum(1 for line in (out / "SHA256SUMS").read_text().splitlines() if line)
-        print(f"wrote {out} ({n} files, {_human(_dir_bytes(out))}); verify with: cd {out} && sha256sum -c SHA256SUMS")
+        print(f"wrote {out} ({n} files, {_human(dir_bytes(out))}); verify with: cd {out} && sha256sum -c SHA256SUMS")
     return 0

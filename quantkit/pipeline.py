@@ -26,6 +26,7 @@ from quantkit.runfolder import (
     atomic_write_json,
     atomic_write_text,
     check_free_space,
+    dir_bytes,
     fingerprint,
     remove_leftovers,
 )
@@ -152,8 +153,6 @@ def preflight(recipe: Recipe, cache: RunCache | None = None) -> CalibrationSet |
     return build_calibration_set(texts, tokenizer, c.n_samples, c.seq_len, c.batch_size, c.seed, c.dataset)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def run_recipe(recipe: Recipe, *, force: bool = False, device: str | None = None,
@@ -305,13 +304,13 @@ def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict) -> None
         with resource_errors("export", target), export_stage.materialized(model), \
                 export_stage.offload_aware_fusion(model):
             export_stage.export_trtllm(model, target, e.trtllm.dtype, e.trtllm.tp_size, e.trtllm.pp_size)
-        info["trtllm_bytes"] = _dir_bytes(target)
+        info["trtllm_bytes"] = dir_bytes(target)
     if e.hf:
         target = exports / "hf"
         with resource_errors("export", target), export_stage.offload_aware_fusion(model):
             export_stage.export_hf(model, target, m.dtype)
             tokenizer.save_pretrained(target)
-        info["hf_bytes"] = _dir_bytes(target)
+        info["hf_bytes"] = dir_bytes(target)
 
 
 def planned_write_bytes(recipe: Recipe) -> dict[str, int]:

@@ -64,6 +64,11 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (0 if it is not a folder): checkpoint and run-folder sizes."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
