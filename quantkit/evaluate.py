@@ -207,6 +207,17 @@ def task_manager(include_path: list[str] | tuple[str, ...] = ()) -> Any:
     return _MANAGERS[folders]
 
 
+def include_path_digest(include_path: list[str] | tuple[str, ...]) -> str:
+    """sha256 over every file of the user's task folders (relative name and bytes): an edited task YAML or
+    a changed helper `utils.py` changes the evaluation's fingerprint, so a rerun scores again."""
+    digest = hashlib.sha256()
+    for folder in include_path:
+        root = Path(folder).resolve()
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def check_include_path(include_path: list[str]) -> None:
     for folder in include_path:
         if not Path(folder).is_dir() or not any(Path(folder).glob("**/*.yaml")):

@@ -194,7 +194,10 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                            c.model_dump() if method.uses_calibration_data else None)
     fp_export = fingerprint(fp_quant, e.model_dump())
     # Export preparation re-shares scales of fused layers in place: evaluate the model as it is shipped.
-    fp_eval = fingerprint(fp_quant, recipe.evaluate.model_dump(), e.trtllm is not None, "deploy-v2")
+    from quantkit.evaluate import include_path_digest
+
+    fp_eval = fingerprint(fp_quant, recipe.evaluate.model_dump(), e.trtllm is not None, "deploy-v2",
+                          include_path_digest(recipe.evaluate.include_path))
     fp_build = fingerprint(fp_export, recipe.build.model_dump())
 
     eval_pending = bool(recipe.evaluate.tasks) and not folder.done("evaluate", fp_eval)

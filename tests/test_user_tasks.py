@@ -128,3 +128,20 @@ def test_hub_task_offline_fails_in_preflight(tmp_path, capsys, tiny_model_dir, m
 def test_bad_evaluate_settings(tmp_path, capsys, tiny_model_dir, evaluate, expected):
     err = assert_preflight_error(capsys, tmp_path, recipe(tmp_path, "r", tiny_model_dir, "fp8", evaluate))
     assert expected in err
+
+
+def test_edited_task_yaml_is_scored_again(tmp_path, tiny_model_dir):
+    """The evaluation's fingerprint covers the files of evaluate.include_path: an unchanged rerun skips the
+    stage, an edited task YAML scores again (and the new prompt's result replaces the old one)."""
+    folder = task_folder(tmp_path)
+    path = recipe(tmp_path, "base", tiny_model_dir, "none", f"{{tasks: [team_capitals], include_path: [{folder}]}}")
+    manifest = tmp_path / "runs" / "base" / "manifest.json"
+    assert main(["run", str(path)]) == 0
+    first = read_json(manifest)["stages"]["evaluate"]
+    assert main(["run", str(path)]) == 0
+    assert read_json(manifest)["stages"]["evaluate"] == first  # skipped: same entry, same finish time
+    yaml_file = folder / "capitals.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("The capital of", "Capital city of"))
+    assert main(["run", str(path)]) == 0
+    again = read_json(manifest)["stages"]["evaluate"]
+    assert again["fingerprint"] != first["fingerprint"]
