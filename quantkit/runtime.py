@@ -48,6 +48,13 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
 | int8_wo     | quantkit Triton W8A16                            | triton_dequant + cuBLAS                | dequant |
 | int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
 | w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
+Maintained libraries take over where they measured faster (kernels/libs.py has the H200 table and `CHOICES`;
+gemlite 0.6.0.post2 today): fp8, fp8_pt, int8_sq(_pt) at every M on gemlite's A8W8 GEMV/GEMM (79-116 us at
+M <= 16, 439-512 us at M = 1024, with quantkit's own activation quantization, i.e. the checkpoint's static or
+per-token scales), int4 at M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each is
+self-checked at load against the dequantize path (`library_kernel_ok`) and recorded with its version under
+"library" in `model.quantkit_kernels`; an absent or failing library leaves the table above in force, with the
+reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
 "dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
 ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
 fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic with the weight dequantized in one
@@ -68,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import triton_gemm
+from quantkit.kernels import libs, triton_gemm
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +241,79 @@ def fp8_rowwise_ok(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
+_LIB_OK: dict[tuple[str, str, str], bool] = {}
+_LIB_PROBE_M = {"gemlite_a8w8": (1, 3, 16, 100), "gemlite_a16w4": (2, 5, 16)}  # every gemlite kernel type it runs
+
+
+def _probe_tensors(fmt: str, n: int, k: int, group: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random tensors in the checkpoint's (ModelOpt's) layout for format `fmt`."""
+    g = torch.Generator().manual_seed(0)
+    if fmt.startswith("fp8"):
+        w = (torch.randn(n, k, generator=g) * 100).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        t = {"weight": w, "weight_scale": torch.tensor(2e-4) if fmt == "fp8" else torch.rand(n, generator=g) * 1e-3}
+    elif fmt.startswith("int8"):
+        t = {"weight": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+             "weight_scale": torch.rand(n, generator=g) * 1e-3 + 1e-4,
+             "pre_quant_scale": torch.rand(k, generator=g) + 0.5}
+    else:
+        t = {"weight": torch.randint(0, 256, (n // 2, k), generator=g, dtype=torch.uint8),
+             "weight_scale": torch.rand(n, k // group, generator=g) * 1e-2 + 1e-3}
+    if fmt in ("fp8", "int8_sq"):
+        t["input_scale"] = torch.tensor(0.02)
+    return {name: v.to(device) for name, v in t.items()}
+
+
+def library_kernel_ok(kernel: str, fmt: str, device: torch.device) -> bool:
+    """Whether library kernel `kernel` is usable for format `fmt` here: its library is installed (an absent one is
+    skipped with the reason logged) and it reproduces quantkit's torch reference of the checkpoint's arithmetic
+    (`QuantLinear._dequant_forward`) on random tensors in the checkpoint layout, at every M it will run (cached per
+    kernel, format and device)."""
+    device = torch.device(device)
+    lib = libs.library(libs.kernel_library(kernel), device)
+    if lib.reason is not None:
+        return False
+    key = (kernel, fmt, str(device))
+    if key in _LIB_OK:
+        return _LIB_OK[key]
+    _LIB_OK[key] = False  # while checking: the probe layer below must not pick it itself
+    n = k = 4096  # a Llama-sized shape: gemlite ships tuned configs for it (no autotuning in the check)
+    try:
+        q = QuantLinear(fmt, _probe_tensors(fmt, n, k, 128, device), k, n, torch.bfloat16, device)
+        q.attach_library(kernel)
+        g = torch.Generator().manual_seed(1)
+        worst = 0.0
+        for m in _LIB_PROBE_M[kernel]:
+            x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+            ref = q._dequant_forward(x).float()
+            got = q._library_forward(x).float()
+            worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+        ok = worst < 1e-2
+        if ok:
+            log.info("%s (%s) passed its self-check for %s on %s (rel err %.2g)", kernel, lib.label, fmt, device, worst)
+        else:
+            log.warning("%s (%s) failed its self-check for %s on %s (rel err %.3g): not used", kernel, lib.label, fmt,
+                        device, worst)
+    except Exception as exc:  # a library kernel that cannot run here is not used, and says why
+        log.warning("%s (%s) unavailable for %s on %s (%s: %s)", kernel, lib.label, fmt, device, type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        ok = False
+    _LIB_OK[key] = ok
+    return ok
+
+
+def kernel_origin(kernel: str) -> str:
+    """Which library (and version) a kernel name comes from."""
+    name = libs.kernel_library(kernel)
+    if name is not None:
+        return f"{name} {libs.version(name)}"
+    if kernel.startswith("torch.") or kernel == "tinygemm":
+        return f"torch {torch.__version__}"
+    return "quantkit"
+
+
+REGIMES = ("m1", "decode", "prefill")  # M = 1 (only where it differs from decode), M <= 16, M > 16
+
+
 # ----------------------------------------------------------------------------- the quantized linear module
 
 
@@ -279,7 +359,9 @@ class QuantLinear(nn.Module):
                 self.tinygemm_inner_k_tiles = tiles
         else:
             buf("weight", w.contiguous())
+        self._lib: libs.GemliteLayer | None = None  # a library kernel's own layout (not a buffer: built here)
         self.kernels = self._plan(dev)
+        self._plan_libraries(dev)
 
     # -- which kernel runs where (recorded on the model as quantkit_kernels)
     def _plan(self, dev: torch.device) -> dict[str, str]:
@@ -310,6 +392,45 @@ class QuantLinear(nn.Module):
             decode = next((c for c in order if c), w4)
             return {"decode": decode, "prefill": w4}
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
+
+    def _plan_libraries(self, dev: torch.device) -> None:
+        """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel that passes its
+        self-check, or the kernel quantkit's own plan picked (listed where it won the measurement, e.g. tinygemm
+        at M = 1). A layer the library cannot take (shape, group size) keeps quantkit's plan, and says why."""
+        plan = libs.choose(self.fmt, self.kernels, lambda c: library_kernel_ok(c, self.fmt, dev))
+        chosen = sorted({k for k in plan.values() if libs.kernel_library(k) is not None})
+        if not chosen:
+            return
+        try:
+            for kernel in chosen:  # one library layout per layer (CHOICES never mixes two)
+                self.attach_library(kernel)
+        except Exception as exc:
+            log.warning("layer %dx%d (%s) stays on quantkit's kernels: %s does not take it (%s: %s)",
+                        self.out_features, self.in_features, self.fmt, chosen, type(exc).__name__, exc)
+            self._lib = None
+            return
+        plan["library"] = ", ".join(libs.library(libs.kernel_library(k), dev).label for k in chosen)
+        self.kernels = plan
+
+    def attach_library(self, kernel: str) -> None:
+        """Build `kernel`'s layout of this layer's weights (from the buffers; 8-bit: a view, no copy)."""
+        lib = libs.library(libs.kernel_library(kernel), self.weight.device)
+        if lib.module is None:
+            raise RuntimeError(f"{kernel}: {lib.reason}")
+        if kernel == "gemlite_a8w8":
+            scales = libs.a8w8_channel_scales(self.weight_scale, self.input_scale, self.out_features)
+            self._lib = libs.build_a8w8(lib.module, self.weight, scales)
+        elif kernel == "gemlite_a16w4":
+            q = triton_gemm.unpack_int4_k(self.weight)
+            self._lib = libs.build_a16w4(lib.module, q, self.weight_scale, self.group_size, self.compute_dtype)
+        else:
+            raise KeyError(kernel)
+
+    def force_kernel(self, kernel: str) -> None:
+        """Run every M on `kernel` (benchmarks; no self-check)."""
+        if libs.kernel_library(kernel) is not None:
+            self.attach_library(kernel)
+        self.kernels = {"decode": kernel, "prefill": kernel}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
@@ -373,6 +494,27 @@ class QuantLinear(nn.Module):
         scale = self._act_scale(x, 127.0)
         return quantize_int8(x, scale), scale
 
+    def _library_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The attached library kernel, with quantkit's own activation quantization (kernels/libs.py says why)."""
+        lay = self._lib
+        if lay is None:
+            raise RuntimeError("no library kernel attached")
+        if self.fmt == "int4":
+            if self.pre_quant_scale is not None:
+                x = x * self.pre_quant_scale
+            return libs.gemlite_gemm(x, lay.tensors, lay.meta, lay.out_dtype)
+        if self.fmt in ("fp8", "fp8_pt"):
+            if self.pre_quant_scale is not None:
+                x = x * self.pre_quant_scale
+            scale = self._act_scale(x, FP8_MAX)
+            xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        else:
+            xq, scale = self._quantized_input(x)
+        y = libs.gemlite_gemm(xq, lay.tensors, lay.meta, lay.out_dtype)  # fp32; static input scale folded in
+        if self.input_scale is None:
+            y = y * scale  # per-token [M, 1]
+        return y.to(x.dtype)
+
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         pad = 32 - m if m <= 16 else 0  # _int_mm needs M > 16 (only reached at decode via QUANTKIT_INT8_DECODE)
@@ -384,11 +526,15 @@ class QuantLinear(nn.Module):
         return y[:m] if pad else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernels["decode"] if x.shape[0] <= DECODE_MAX_M else self.kernels["prefill"]
+        m = x.shape[0]
+        kernel = self.kernels["prefill"] if m > DECODE_MAX_M else self.kernels.get("m1" if m == 1 else "decode",
+                                                                                      self.kernels["decode"])
         if kernel in ("dequant", "triton_dequant"):
             return self._dequant_forward(x, fast=kernel == "triton_dequant")
         if kernel == "torch._scaled_mm":
             return self._scaled_mm(x)
+        if libs.kernel_library(kernel) is not None:
+            return self._library_forward(x)
         if kernel == "torch._int_mm":
             return self._int_mm(x)
         if kernel == "triton_w8a8":
@@ -414,8 +560,12 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads for this layer (the layout its decode kernel streams, plus scales)."""
-        main = self.tinygemm_weight if self.kernels.get("decode") == "tinygemm" else self.weight
+        step = self.kernels.get("m1", self.kernels.get("decode"))  # what a batch-1 step runs
         extra = [t for t in (self.weight_scale, self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
+        if step == "gemlite_a16w4" and self._lib is not None:  # its packed weight and fp32 scales
+            extra = [t for t in (self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
+            return self._lib.nbytes + sum(t.numel() * t.element_size() for t in extra)
+        main = self.tinygemm_weight if step == "tinygemm" else self.weight
         return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
 
@@ -759,10 +909,14 @@ def kernel_summary(model: nn.Module) -> dict[str, int]:
     """How many layers use each (format, regime, kernel): a short line for logs and bench results."""
     counts: dict[str, int] = {}
     for info in getattr(model, "quantkit_kernels", {}).values():
-        for regime, kernel in info.items():
-            if regime != "format":
-                key = f"{info['format']}/{regime}:{kernel}"
-                counts[key] = counts.get(key, 0) + 1
+        for regime in REGIMES:
+            kernel = info.get(regime)
+            if kernel is None:
+                continue
+            key = f"{info['format']}/{regime}:{kernel}"
+            if libs.kernel_library(kernel) is not None:
+                key += f" ({info.get('library') or kernel_origin(kernel)})"
+            counts[key] = counts.get(key, 0) + 1
     return counts
 
 
