@@ -51,10 +51,10 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
 Maintained libraries take over where they measured faster (kernels/libs.py has the H200 table and `CHOICES`;
 gemlite 0.6.0.post2 today): fp8, fp8_pt, int8_sq(_pt) at every M on gemlite's A8W8 GEMV/GEMM (79-116 us at
 M <= 16, 439-512 us at M = 1024, with quantkit's own activation quantization, i.e. the checkpoint's static or
-per-token scales), int4 at M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each is
-self-checked at load against the dequantize path (`library_kernel_ok`) and recorded with its version under
-"library" in `model.quantkit_kernels`; an absent or failing library leaves the table above in force, with the
-reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
+per-token scales), int4 at M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each
+is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
+with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
+in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
 "dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
 ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
 fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic with the weight dequantized in one
@@ -241,63 +241,39 @@ def fp8_rowwise_ok(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
-_LIB_OK: dict[tuple[str, str, str], bool] = {}
-_LIB_PROBE_M = {"gemlite_a8w8": (1, 3, 16, 100), "gemlite_a16w4": (2, 5, 16)}  # every gemlite kernel type it runs
+_LIB_CHECK_M = {"gemlite_a8w8": (1, 3, 16, 100), "gemlite_a16w4": (2, 5, 16)}  # each gemlite kernel type it runs
+_LIB_FAIL_LOGGED: set[tuple[str, str, tuple[int, int]]] = set()
 
 
-def _probe_tensors(fmt: str, n: int, k: int, group: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random tensors in the checkpoint's (ModelOpt's) layout for format `fmt`."""
-    g = torch.Generator().manual_seed(0)
-    if fmt.startswith("fp8"):
-        w = (torch.randn(n, k, generator=g) * 100).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        t = {"weight": w, "weight_scale": torch.tensor(2e-4) if fmt == "fp8" else torch.rand(n, generator=g) * 1e-3}
-    elif fmt.startswith("int8"):
-        t = {"weight": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
-             "weight_scale": torch.rand(n, generator=g) * 1e-3 + 1e-4,
-             "pre_quant_scale": torch.rand(k, generator=g) + 0.5}
-    else:
-        t = {"weight": torch.randint(0, 256, (n // 2, k), generator=g, dtype=torch.uint8),
-             "weight_scale": torch.rand(n, k // group, generator=g) * 1e-2 + 1e-3}
-    if fmt in ("fp8", "int8_sq"):
-        t["input_scale"] = torch.tensor(0.02)
-    return {name: v.to(device) for name, v in t.items()}
+def library_usable(kernel: str, device: torch.device) -> bool:
+    """Whether the library of `kernel` is installed and loads here (an absent one is skipped, reason logged)."""
+    return libs.library(libs.kernel_library(kernel), device).reason is None
 
 
-def library_kernel_ok(kernel: str, fmt: str, device: torch.device) -> bool:
-    """Whether library kernel `kernel` is usable for format `fmt` here: its library is installed (an absent one is
-    skipped with the reason logged) and it reproduces quantkit's torch reference of the checkpoint's arithmetic
-    (`QuantLinear._dequant_forward`) on random tensors in the checkpoint layout, at every M it will run (cached per
-    kernel, format and device)."""
-    device = torch.device(device)
-    lib = libs.library(libs.kernel_library(kernel), device)
-    if lib.reason is not None:
-        return False
-    key = (kernel, fmt, str(device))
-    if key in _LIB_OK:
-        return _LIB_OK[key]
-    _LIB_OK[key] = False  # while checking: the probe layer below must not pick it itself
-    n = k = 4096  # a Llama-sized shape: gemlite ships tuned configs for it (no autotuning in the check)
+def library_kernel_ok(layer: QuantLinear, kernel: str) -> bool:
+    """Self-check of an attached library kernel on this layer's own tensors: its output must reproduce quantkit's
+    torch reference of the checkpoint's arithmetic (`QuantLinear._dequant_forward`) at every M it runs (each
+    gemlite kernel type: GEMV, split-K GEMM, GEMM), within 1e-2 relative (bf16 rounding of the dequantized
+    activations and weights in the reference; a wrong layout or scale is off by O(1))."""
+    dev = layer.weight.device
+    lib = libs.library(libs.kernel_library(kernel), dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    worst = 0.0
     try:
-        q = QuantLinear(fmt, _probe_tensors(fmt, n, k, 128, device), k, n, torch.bfloat16, device)
-        q.attach_library(kernel)
-        g = torch.Generator().manual_seed(1)
-        worst = 0.0
-        for m in _LIB_PROBE_M[kernel]:
-            x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
-            ref = q._dequant_forward(x).float()
-            got = q._library_forward(x).float()
+        for m in _LIB_CHECK_M[kernel]:
+            x = torch.randn(m, layer.in_features, generator=g, device=dev).to(layer.compute_dtype)
+            ref = layer._dequant_forward(x).float()
+            got = layer._library_forward(x).float()
             worst = max(worst, ((got - ref).norm() / ref.norm()).item())
         ok = worst < 1e-2
-        if ok:
-            log.info("%s (%s) passed its self-check for %s on %s (rel err %.2g)", kernel, lib.label, fmt, device, worst)
-        else:
-            log.warning("%s (%s) failed its self-check for %s on %s (rel err %.3g): not used", kernel, lib.label, fmt,
-                        device, worst)
-    except Exception as exc:  # a library kernel that cannot run here is not used, and says why
-        log.warning("%s (%s) unavailable for %s on %s (%s: %s)", kernel, lib.label, fmt, device, type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
-        ok = False
-    _LIB_OK[key] = ok
+        why = f"rel err {worst:.3g}"
+    except Exception as exc:  # a library kernel that cannot run this layer is not used, and says why
+        ok, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    key = (kernel, layer.fmt, (layer.out_features, layer.in_features))
+    if not ok and key not in _LIB_FAIL_LOGGED:
+        _LIB_FAIL_LOGGED.add(key)
+        log.warning("%s (%s) failed its self-check for %s %dx%d on %s (%s): quantkit's kernels run it", kernel,
+                    lib.label, layer.fmt, layer.out_features, layer.in_features, dev, why)
     return ok
 
 
@@ -394,10 +370,10 @@ class QuantLinear(nn.Module):
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
 
     def _plan_libraries(self, dev: torch.device) -> None:
-        """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel that passes its
-        self-check, or the kernel quantkit's own plan picked (listed where it won the measurement, e.g. tinygemm
-        at M = 1). A layer the library cannot take (shape, group size) keeps quantkit's plan, and says why."""
-        plan = libs.choose(self.fmt, self.kernels, lambda c: library_kernel_ok(c, self.fmt, dev))
+        """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads
+        and that passes its self-check on this layer, or the kernel quantkit's own plan picked (listed where it
+        won the measurement, e.g. tinygemm at M = 1). Otherwise quantkit's plan stays, and the log says why."""
+        plan = libs.choose(self.fmt, self.kernels, lambda c: library_usable(c, dev))
         chosen = sorted({k for k in plan.values() if libs.kernel_library(k) is not None})
         if not chosen:
             return
@@ -407,6 +383,9 @@ class QuantLinear(nn.Module):
         except Exception as exc:
             log.warning("layer %dx%d (%s) stays on quantkit's kernels: %s does not take it (%s: %s)",
                         self.out_features, self.in_features, self.fmt, chosen, type(exc).__name__, exc)
+            self._lib = None
+            return
+        if not all(library_kernel_ok(self, k) for k in chosen):
             self._lib = None
             return
         plan["library"] = ", ".join(libs.library(libs.kernel_library(k), dev).label for k in chosen)

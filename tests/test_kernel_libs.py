@@ -25,7 +25,7 @@ from _runtime_helpers import eval_ids, rel_err, roundtrip
 from quantkit import runtime
 from quantkit.errors import QuantkitError
 from quantkit.kernels import libs
-from quantkit.runtime import QuantLinear, load_quantized, unpack_modelopt_int4
+from quantkit.runtime import load_quantized, unpack_modelopt_int4
 
 CPU_BOUND = 1e-4  # tests/test_runtime.py: float32 rounding plus rare rounding-tie flips
 
@@ -58,7 +58,7 @@ def fresh(monkeypatch):
     """Empty library and self-check caches (restored afterwards)."""
     monkeypatch.setattr(libs, "_LIBS", {})
     monkeypatch.setattr(libs, "_SKIP_LOGGED", set())
-    monkeypatch.setattr(runtime, "_LIB_OK", {})
+    monkeypatch.setattr(runtime, "_LIB_FAIL_LOGGED", set())
     monkeypatch.delenv("QUANTKIT_KERNEL_LIBS", raising=False)
     return monkeypatch
 
@@ -109,7 +109,7 @@ def test_absent_library_is_skipped_with_its_reason(fresh, caplog) -> None:
         lib = libs.library("gemlite", torch.device("cuda"))
     assert lib.module is None and lib.reason.startswith("not installed")
     assert "gemlite not used: not installed" in caplog.text
-    assert not runtime.library_kernel_ok("gemlite_a8w8", "fp8", torch.device("cuda"))
+    assert not runtime.library_usable("gemlite_a8w8", torch.device("cuda"))
 
 
 def test_disabled_library_is_skipped(fresh) -> None:
@@ -203,7 +203,7 @@ def test_library_path_reproduces_the_fake_quantized_model(emulated, variant: str
 def test_mapping_negative_control_forgetting_the_static_input_scale_fails(emulated) -> None:
     """The check above can fail: channel scales without the static input scale are far off."""
     emulated.setattr(libs, "a8w8_channel_scales", lambda ws, s_in, n: ws.float().reshape(-1).expand(n).reshape(n, 1))
-    emulated.setattr(runtime, "library_kernel_ok", lambda k, f, d: True)  # let the broken mapping through
+    emulated.setattr(runtime, "library_kernel_ok", lambda layer, k: True)  # let the broken mapping through
     rt = roundtrip("int8_sq")
     model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)
     ids = eval_ids()
@@ -212,9 +212,11 @@ def test_mapping_negative_control_forgetting_the_static_input_scale_fails(emulat
     assert err > 100 * CPU_BOUND
 
 
-def test_self_check_of_the_emulated_library_passes_and_is_cached(emulated) -> None:
-    dev = torch.device("cpu")
-    assert runtime.library_kernel_ok("gemlite_a8w8", "int8_sq_pt", dev)
-    assert runtime._LIB_OK[("gemlite_a8w8", "int8_sq_pt", "cpu")] is True
-    q = QuantLinear("fp8", runtime._probe_tensors("fp8", 64, 128, 64, dev), 128, 64, torch.float32, dev)
-    assert q.kernels["library"] == "gemlite 0.6.0.post2" and q._lib is not None
+def test_self_check_runs_on_each_layer_with_its_own_tensors(emulated) -> None:
+    """The check passes on the right arithmetic and catches a wrong one on the very layer (no shared verdict)."""
+    rt = roundtrip("int8_sq_pt")
+    model, _ = load_quantized(rt.hf_dir, "cpu", torch.float32)
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert layer.kernels["decode"] == "gemlite_a8w8" and runtime.library_kernel_ok(layer, "gemlite_a8w8")
+    layer._lib.tensors[1] = layer._lib.tensors[1] * 1.1  # channel scales 10% off on this layer only
+    assert not runtime.library_kernel_ok(layer, "gemlite_a8w8")
