@@ -38,6 +38,9 @@ def _tensors(fmt: str, n: int, k: int, dev: torch.device) -> dict[str, torch.Ten
         w = (torch.randn(n, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         return {"weight": w, "weight_scale": torch.tensor(2e-4, device=dev),
                 "input_scale": torch.tensor(0.01, device=dev)}
+    if fmt == "fp8_pt":  # per-channel weights, dynamic per-token activations
+        w = (torch.randn(n, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return {"weight": w, "weight_scale": torch.rand(n, device=dev) * 1e-3 + 1e-4}
     if fmt in ("int8_sq", "int8_sq_pt", "int8_wo"):
         t = {"weight": torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev),
              "weight_scale": torch.rand(n, device=dev) * 1e-3 + 1e-4}

@@ -335,7 +335,7 @@ class QuantLinear(nn.Module):
                 self.tinygemm_inner_k_tiles = tiles
         else:
             buf("weight", w.contiguous())
-        self._lib: libs.GemliteLayer | None = None  # a library kernel's own layout (not a buffer: built here)
+        self._lib: libs.GemliteLayer | None = None  # a library kernel's layout; its tensors are buffers lib_arg*
         self.kernels = self._plan(dev)
         self._plan_libraries(dev)
 
@@ -383,10 +383,10 @@ class QuantLinear(nn.Module):
         except Exception as exc:
             log.warning("layer %dx%d (%s) stays on quantkit's kernels: %s does not take it (%s: %s)",
                         self.out_features, self.in_features, self.fmt, chosen, type(exc).__name__, exc)
-            self._lib = None
+            self._set_library(None)
             return
         if not all(library_kernel_ok(self, k) for k in chosen):
-            self._lib = None
+            self._set_library(None)
             return
         plan["library"] = ", ".join(libs.library(libs.kernel_library(k), dev).label for k in chosen)
         self.kernels = plan
@@ -398,12 +398,22 @@ class QuantLinear(nn.Module):
             raise RuntimeError(f"{kernel}: {lib.reason}")
         if kernel == "gemlite_a8w8":
             scales = libs.a8w8_channel_scales(self.weight_scale, self.input_scale, self.out_features)
-            self._lib = libs.build_a8w8(lib.module, self.weight, scales)
+            self._set_library(libs.build_a8w8(lib.module, self.weight, scales))
         elif kernel == "gemlite_a16w4":
             q = triton_gemm.unpack_int4_k(self.weight)
-            self._lib = libs.build_a16w4(lib.module, q, self.weight_scale, self.group_size, self.compute_dtype)
+            self._set_library(libs.build_a16w4(lib.module, q, self.weight_scale, self.group_size, self.compute_dtype))
         else:
             raise KeyError(kernel)
+
+    def _set_library(self, layer: libs.GemliteLayer | None) -> None:
+        """The library's tensors become (non-persistent) buffers, so torch.compile treats them like the other
+        buffers: graph inputs, one compiled graph for every layer of a shape (not one per layer)."""
+        old = self._lib
+        for i in range(len(old.tensors) if old is not None else 0):
+            delattr(self, f"lib_arg{i}")
+        self._lib = layer
+        for i, t in enumerate(layer.tensors if layer is not None else ()):
+            self.register_buffer(f"lib_arg{i}", t.detach(), persistent=False)
 
     def force_kernel(self, kernel: str) -> None:
         """Run every M on `kernel` (benchmarks; no self-check)."""
@@ -478,10 +488,11 @@ class QuantLinear(nn.Module):
         lay = self._lib
         if lay is None:
             raise RuntimeError("no library kernel attached")
+        args = [getattr(self, f"lib_arg{i}") for i in range(len(lay.tensors))]
         if self.fmt == "int4":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
-            return libs.gemlite_gemm(x, lay.tensors, lay.meta, lay.out_dtype)
+            return libs.gemlite_gemm(x, args, lay.meta, lay.out_dtype)
         if self.fmt in ("fp8", "fp8_pt"):
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
@@ -489,7 +500,7 @@ class QuantLinear(nn.Module):
             xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         else:
             xq, scale = self._quantized_input(x)
-        y = libs.gemlite_gemm(xq, lay.tensors, lay.meta, lay.out_dtype)  # fp32; static input scale folded in
+        y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # fp32; static input scale folded in
         if self.input_scale is None:
             y = y * scale  # per-token [M, 1]
         return y.to(x.dtype)

@@ -195,7 +195,8 @@ def a16w4_codes(q: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GemliteLayer:
-    """What `gemlite_gemm` needs: gemlite's tensor and meta arguments, and the output dtype."""
+    """What `gemlite_gemm` needs: gemlite's tensor and meta arguments, the output dtype, and the bytes of the
+    tensors it owns (0 where the weight is a view of quantkit's buffer)."""
 
     tensors: list[torch.Tensor]
     meta: list[int]
@@ -211,7 +212,7 @@ def build_a8w8(gemlite: ModuleType, weight: torch.Tensor, scales: torch.Tensor) 
     lin = gemlite.GemLiteLinearTriton(8, group_size=k, in_features=k, out_features=n, input_dtype=dt,
                                       output_dtype=gemlite.DType.FP32, scaled_activations=False)
     lin.pack(weight, scales, zeros=None)
-    return GemliteLayer(lin.get_tensor_args(), lin.get_meta_args(), torch.float32, 0)  # W_q: a view of weight
+    return GemliteLayer([t.detach() for t in lin.get_tensor_args()], lin.get_meta_args(), torch.float32, 0)
 
 
 def build_a16w4(gemlite: ModuleType, q: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype
@@ -222,7 +223,7 @@ def build_a16w4(gemlite: ModuleType, q: torch.Tensor, scales: torch.Tensor, grou
     lin = gemlite.GemLiteLinearTriton(4, group_size=group, in_features=k, out_features=n, input_dtype=dt,
                                       output_dtype=dt, scaled_activations=False)
     lin.pack(a16w4_codes(q), scales.float().contiguous(), INT4_ZERO)  # scalar zero: W_group_mode 3
-    tensors = lin.get_tensor_args()
+    tensors = [t.detach() for t in lin.get_tensor_args()]
     nbytes = sum(t.numel() * t.element_size() for t in tensors[:2])
     return GemliteLayer(tensors, lin.get_meta_args(), dtype, nbytes)
 
