@@ -276,3 +276,12 @@ def test_gemlite_kernels_on_the_gpu_match_the_reference_at_llama_shapes(fmt: str
                 graph.replay()
             for got in (eager, comp, out):
                 assert rel_err(got, ref) < 1e-2, (fmt, n, k, m, q.kernels, rel_err(got, ref))
+
+
+def test_the_kernels_extra_pins_the_measured_version() -> None:
+    """pyproject's `kernels` extra and libs.GEMLITE_MEASURED name the same gemlite (the one the table measured)."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert f"gemlite=={libs.GEMLITE_MEASURED}" in meta["project"]["optional-dependencies"]["kernels"]
