@@ -72,6 +72,12 @@ def _bytes(layer: dict[str, torch.nn.Module]) -> int:
 
 
 def force(layers, kernel: str | None, compile_: bool) -> None:
+    if compile_:  # one compiled graph per shape, reused by the layers' modules (as quantkit.bench sets it)
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4096)
     for layer in layers:
         for mod in layer.values():
             if isinstance(mod, QuantLinear) and kernel is not None:
