@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import SHAPES, _layers  # bench/kernels.py: quantkit's kernels, same shapes
+from kernels import SHAPES, _layers, timed  # bench/kernels.py: quantkit's kernels, same shapes and timing
 
 GROUP = 128
 Case = Callable[[], None]
@@ -183,20 +183,6 @@ CASES: list[tuple[str, str, Callable]] = [  # (label, library, builder)
 ]
 
 
-def time_layers(layers, m: int, dev) -> float:
-    import triton.testing
-    xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in SHAPES.items()}
-
-    def run():
-        for layer in layers:
-            for name, f in layer.items():
-                f(xs[name])
-
-    run()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") / len(layers)
-
-
 def check(layer, w_layer, dev) -> float:
     """Worst relative error over the 7 GEMMs against bf16 F.linear of the same weights (M = 16)."""
     worst = 0.0
@@ -264,12 +250,7 @@ def main() -> None:
         except Exception as exc:
             print(f"{label}: setup failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
             continue
-        for m in ms:
-            try:
-                us = time_layers(layers, m, dev)
-            except Exception as exc:
-                print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                continue
+        for m, us in timed(label, layers, ms, dev):
             rows.append({"case": label, "library": lib, "version": libs.get(lib, "-"), "m": m, "us": us,
                          "rel_err": err})
             print(f"{label:40s} M={m:5d} {us:8.1f} us/layer  rel err {err:.3g}", flush=True)

@@ -116,6 +116,17 @@ def time_case(m: int, layers, dev) -> float:
     return 1e3 * ms / len(layers)
 
 
+def timed(label: str, layers, m_list: list[int], dev) -> list[tuple[int, float]]:
+    """(M, us per layer) for each M that runs; a failing M is printed and skipped (shared with kernel_libs.py)."""
+    out = []
+    for m in m_list:
+        try:
+            out.append((m, time_case(m, layers, dev)))
+        except Exception as exc:
+            print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return out
+
+
 CASES = [  # (label, fmt, kernel)
     ("bf16 cuBLAS", "bf16", None),
     ("fp8 _scaled_mm", "fp8", "torch._scaled_mm"),
@@ -169,12 +180,7 @@ def main() -> None:
         nbytes = _bytes(layers[0])
         print(f"{label} ({origin}): rel err vs dequantize reference {err:.2g}", flush=True)
         m_list = pms if kernel in PREFILL_ONLY else ms + (pms if kernel in PREFILL_TOO else [])
-        for m in m_list:
-            try:
-                us = time_case(m, layers, dev)
-            except Exception as exc:
-                print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                continue
+        for m, us in timed(label, layers, m_list, dev):
             row = {"case": label, "library": origin, "m": m, "us_per_layer": us, "weight_gb_s": nbytes / us / 1e3,
                    "rel_err": err}
             results.append(row)

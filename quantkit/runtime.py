@@ -465,8 +465,7 @@ class QuantLinear(nn.Module):
         pad = (-m) % 16  # cuBLASLt FP8 wants M % 16 == 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        scale = self._act_scale(x, FP8_MAX)
-        xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        xq, scale = self._fp8_input(x)
         if self.rowwise or scale.numel() > 1:  # per-row weight or per-token scales: cuBLASLt row-wise scaling
             sa = scale.reshape(-1, 1).expand(x.shape[0], 1).contiguous()
             sb = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
@@ -475,6 +474,11 @@ class QuantLinear(nn.Module):
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype,
                                  use_fast_accum=True)
         return y[:m] if pad else y
+
+    def _fp8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E4M3 activations and their scale (static scalar, or [M, 1] per token), as ModelOpt quantizes them."""
+        scale = self._act_scale(x, FP8_MAX)
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 activations and their scale (scalar, or [M, 1] per token)."""
@@ -494,10 +498,7 @@ class QuantLinear(nn.Module):
                 x = x * self.pre_quant_scale
             return libs.gemlite_gemm(x, args, lay.meta, lay.out_dtype)
         if self.fmt in ("fp8", "fp8_pt"):
-            if self.pre_quant_scale is not None:
-                x = x * self.pre_quant_scale
-            scale = self._act_scale(x, FP8_MAX)
-            xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            xq, scale = self._fp8_input(x * self.pre_quant_scale if self.pre_quant_scale is not None else x)
         else:
             xq, scale = self._quantized_input(x)
         y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # fp32; static input scale folded in
