@@ -241,7 +241,9 @@ def fp8_rowwise_ok(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
-_LIB_CHECK_M = {"gemlite_a8w8": (1, 3, 16, 100), "gemlite_a16w4": (2, 5, 16)}  # each gemlite kernel type it runs
+# each gemlite kernel type a layer runs (8-bit: GEMV M <= 2, split-K GEMM M < 64, GEMM; int4: GEMV M <= 4, split-K
+# GEMM), at the M the bench runs (batch 1 and 8, prefill 1024) so the check autotunes nothing extra
+_LIB_CHECK_M = {"gemlite_a8w8": (1, 8, 1024), "gemlite_a16w4": (2, 8)}
 _LIB_FAIL_LOGGED: set[tuple[str, str, tuple[int, int]]] = set()
 
 
@@ -373,7 +375,8 @@ class QuantLinear(nn.Module):
         """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads
         and that passes its self-check on this layer, or the kernel quantkit's own plan picked (listed where it
         won the measurement, e.g. tinygemm at M = 1). Otherwise quantkit's plan stays, and the log says why."""
-        plan = libs.choose(self.fmt, self.kernels, lambda c: library_usable(c, dev))
+        plan = libs.choose(self.fmt, self.kernels, lambda c: library_usable(c, dev),
+                           self.out_features * self.in_features)
         chosen = sorted({k for k in plan.values() if libs.kernel_library(k) is not None})
         if not chosen:
             return

@@ -71,6 +71,7 @@ def emulated(fresh):
     fresh.setattr(libs, "build_a8w8", _emulated_build_a8w8)
     fresh.setattr(libs, "build_a16w4", _emulated_build_a16w4)
     fresh.setattr(libs, "gemlite_gemm", _emulated_gemm)
+    fresh.setattr(libs, "MEASURED_MIN_WEIGHTS", 0)  # the tiny test model's layers count as measured
     return fresh
 
 
@@ -79,28 +80,32 @@ def emulated(fresh):
 
 def test_choice_follows_the_measurement_per_format_and_m_range() -> None:
     yes, no = (lambda k: True), (lambda k: False)
+    big = 4096 * 4096
     own_int4 = {"decode": "tinygemm", "prefill": "triton_dequant"}
     # int4: tinygemm stays at M = 1 (79 vs 91 us), gemlite for M = 2..16 (156 vs 163 us at M = 8), prefill own
-    assert libs.choose("int4", own_int4, yes) == {"m1": "tinygemm", "decode": "gemlite_a16w4",
+    assert libs.choose("int4", own_int4, yes, big) == {"m1": "tinygemm", "decode": "gemlite_a16w4",
                                                   "prefill": "triton_dequant"}
     # without tinygemm (own M = 1 kernel is the slow Triton one), gemlite takes M = 1 too
-    assert libs.choose("int4", {"decode": "triton_w4a16", "prefill": "triton_dequant"}, yes) == {
+    assert libs.choose("int4", {"decode": "triton_w4a16", "prefill": "triton_dequant"}, yes, big) == {
         "decode": "gemlite_a16w4", "prefill": "triton_dequant"}
     for fmt in ("fp8", "fp8_pt"):  # 79 vs 167 us at M = 1, 439 vs 681 us at M = 1024
-        assert libs.choose(fmt, {"decode": "torch._scaled_mm", "prefill": "torch._scaled_mm"}, yes) == {
+        assert libs.choose(fmt, {"decode": "torch._scaled_mm", "prefill": "torch._scaled_mm"}, yes, big) == {
             "decode": "gemlite_a8w8", "prefill": "gemlite_a8w8"}
     for fmt in ("int8_sq", "int8_sq_pt"):  # 82 vs 170 us at M = 1, 512 vs 1506 us at M = 1024
-        assert libs.choose(fmt, {"decode": "triton_w8a8", "prefill": "torch._int_mm"}, yes) == {
+        assert libs.choose(fmt, {"decode": "triton_w8a8", "prefill": "torch._int_mm"}, yes, big) == {
             "decode": "gemlite_a8w8", "prefill": "gemlite_a8w8"}
     # not measured for a library: unchanged
     own_wo = {"decode": "triton_w8a16", "prefill": "triton_dequant"}
-    assert libs.choose("int8_wo", own_wo, yes) == own_wo
-    assert libs.choose("w4a8", {"decode": "dequant", "prefill": "dequant"}, yes) == {"decode": "dequant",
+    assert libs.choose("int8_wo", own_wo, yes, big) == own_wo
+    assert libs.choose("w4a8", {"decode": "dequant", "prefill": "dequant"}, yes, big) == {"decode": "dequant",
                                                                                       "prefill": "dequant"}
     # a library kernel that is not usable (absent, failed self-check) is never picked
-    assert libs.choose("int4", own_int4, no) == own_int4
-    assert libs.choose("fp8", {"decode": "torch._scaled_mm", "prefill": "dequant"}, no) == {
+    assert libs.choose("int4", own_int4, no, big) == own_int4
+    assert libs.choose("fp8", {"decode": "torch._scaled_mm", "prefill": "dequant"}, no, big) == {
         "decode": "torch._scaled_mm", "prefill": "dequant"}
+    # smaller than anything measured (Llama-3.1-8B's k/v_proj, 1024 x 4096): quantkit's own plan
+    assert libs.choose("int4", own_int4, yes, 1024 * 4096 - 1) == own_int4
+    assert libs.choose("int4", own_int4, yes, 1024 * 4096)["decode"] == "gemlite_a16w4"
 
 
 def test_absent_library_is_skipped_with_its_reason(fresh, caplog) -> None:

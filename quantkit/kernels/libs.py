@@ -12,9 +12,10 @@ layer, CUDA-graph replay, median; /work/notes/kl_h200.log, bench/RESULTS.md "Ker
 | int4 W4A16    | tinygemm 79, gemlite 91    | gemlite 156 / 163 | gemlite 155 / 269| triton_dequant 920, gl 1866 |
 
 Hence `CHOICES`: gemlite for fp8 and int8 activations at every M, gemlite A16W4 for int4 at M = 2..16 (tinygemm
-stays at M = 1, quantkit's dequantize + cuBLAS at prefill). Every library kernel is still self-checked at load
-against quantkit's torch reference (runtime.library_kernel_ok) and skipped, with the reason logged, where it is
-absent, disabled (QUANTKIT_KERNEL_LIBS=none) or wrong.
+stays at M = 1, quantkit's dequantize + cuBLAS at prefill), for layers of at least MEASURED_MIN_WEIGHTS. Every
+library kernel is still self-checked at load on each layer against quantkit's torch reference
+(runtime.library_kernel_ok) and skipped, with the reason logged, where it is absent, disabled
+(QUANTKIT_KERNEL_LIBS=none) or wrong.
 
 The checkpoint's arithmetic is kept, not gemlite's own quantization (read from gemlite 0.6.0.post2's source):
 - 8-bit weights (fp8 E4M3 / int8): gemlite's `GemLiteLinearTriton(8, ...)` with `scaled_activations=False` takes
@@ -65,13 +66,19 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "int4": {"m1": ("tinygemm", "gemlite_a16w4"), "decode": ("gemlite_a16w4",)},  # M = 1: tinygemm 79 vs 91 us
 }
 KERNEL_LIBRARY = {"gemlite_a8w8": GEMLITE, "gemlite_a16w4": GEMLITE}
+# CHOICES holds for layers at least as large as the smallest one measured (k/v_proj of Llama-3.1-8B, 1024 x 4096):
+# nothing says a library wins on smaller ones, and gemlite would autotune every such shape at first use.
+MEASURED_MIN_WEIGHTS = 1024 * 4096
 
 
-def choose(fmt: str, own: dict[str, str], usable: Callable[[str], bool]) -> dict[str, str]:
-    """The plan for format `fmt`: per regime of CHOICES, the first candidate that is a library kernel for which
-    `usable` (its self-check) says yes, or the kernel quantkit's own plan `own` picked for that regime; other
-    regimes keep `own`. "m1" is dropped where it equals "decode"."""
+def choose(fmt: str, own: dict[str, str], usable: Callable[[str], bool], weights: int) -> dict[str, str]:
+    """The plan for format `fmt` and a layer of `weights` (out x in) weights: per regime of CHOICES, the first
+    candidate that is a library kernel whose library is `usable`, or the kernel quantkit's own plan `own` picked
+    for that regime; other regimes, and layers smaller than MEASURED_MIN_WEIGHTS, keep `own`. "m1" is dropped
+    where it equals "decode"."""
     plan = dict(own)
+    if weights < MEASURED_MIN_WEIGHTS:
+        return plan
     for regime, candidates in CHOICES.get(fmt, {}).items():
         mine = own.get(regime, own["decode"])
         for c in candidates:
