@@ -274,12 +274,14 @@ def test_gemlite_kernels_on_the_gpu_match_the_reference_at_llama_shapes(fmt: str
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref = q._dequant_forward(x)
             with torch.no_grad():
-                eager, comp = q(x), compiled(x)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = compiled(x)
-                graph.replay()
-            for got in (eager, comp, out):
+                outs = [q(x)]
+                if m in (1, 8) and n == 6144:  # as the bench decodes: compiled, replayed from a CUDA graph
+                    outs.append(compiled(x))
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        outs.append(compiled(x))
+                    graph.replay()
+            for got in outs:
                 assert rel_err(got, ref) < 1e-2, (fmt, n, k, m, q.kernels, rel_err(got, ref))
 
 
