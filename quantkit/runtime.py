@@ -401,7 +401,8 @@ class QuantLinear(nn.Module):
             raise RuntimeError(f"{kernel}: {lib.reason}")
         if kernel == "gemlite_a8w8":
             scales = libs.a8w8_channel_scales(self.weight_scale, self.input_scale, self.out_features)
-            self._set_library(libs.build_a8w8(lib.module, self.weight, scales))
+            out = self.compute_dtype if self.input_scale is not None else torch.float32  # per token: scaled after
+            self._set_library(libs.build_a8w8(lib.module, self.weight, scales, out))
         elif kernel == "gemlite_a16w4":
             q = triton_gemm.unpack_int4_k(self.weight)
             self._set_library(libs.build_a16w4(lib.module, q, self.weight_scale, self.group_size, self.compute_dtype))
@@ -504,9 +505,9 @@ class QuantLinear(nn.Module):
             xq, scale = self._fp8_input(x * self.pre_quant_scale if self.pre_quant_scale is not None else x)
         else:
             xq, scale = self._quantized_input(x)
-        y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # fp32; static input scale folded in
+        y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # static input scale folded into its scales
         if self.input_scale is None:
-            y = y * scale  # per-token [M, 1]
+            y = y * scale  # per-token [M, 1], on the fp32 output
         return y.to(x.dtype)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:

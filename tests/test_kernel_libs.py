@@ -33,8 +33,8 @@ CPU_BOUND = 1e-4  # tests/test_runtime.py: float32 rounding plus rare rounding-t
 # ---------------------------------------------------------------- gemlite, as its source documents it (torch)
 
 
-def _emulated_build_a8w8(module, weight, scales):
-    return libs.GemliteLayer([weight.t(), scales.reshape(1, -1)], [8], torch.float32, 0)
+def _emulated_build_a8w8(module, weight, scales, out_dtype):
+    return libs.GemliteLayer([weight.t(), scales.reshape(1, -1)], [8], out_dtype, 0)
 
 
 def _emulated_build_a16w4(module, q, scales, group, dtype):

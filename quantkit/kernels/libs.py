@@ -24,8 +24,9 @@ The checkpoint's arithmetic is kept, not gemlite's own quantization (read from g
   y[m, n] = acc[m, n] * scales[n] (triton_kernels/gemv_splitK_kernels.py, "channel_scale_mode == 1"; the GEMM
   kernels the same). quantkit quantizes x itself exactly as ModelOpt does (static per-tensor scale, or dynamic
   per-token with ModelOpt's round-half-even; gemlite's own dynamic quantizer rounds half away from zero and floors
-  the scale at 1e-6, so it is not the same function) and folds the static input scale into scales[n]; a per-token
-  scale multiplies the fp32 output. The weight tensor is handed over as it is stored (a view, no copy).
+  the scale at 1e-6, so it is not the same function) and folds the static input scale into scales[n] (output in
+  the model dtype, as gemlite's own A8W8 layers write it); a per-token scale multiplies an fp32 output. The
+  weight tensor is handed over as it is stored (a view, no copy).
 - int4: gemlite's A16W4 dequantizes w = (u - zero) * scale per group (triton_kernels/utils.py `dequantize`,
   W_group_mode 3 with a scalar zero: `(b - zeros).to(meta_dtype) * scales`). ModelOpt's symmetric int4
   w = q * scale, q in [-8, 7], is exactly that with u = q + 8 and zero = 8; scales stay fp32 (meta_dtype fp32) so
@@ -211,15 +212,18 @@ class GemliteLayer:
     nbytes: int
 
 
-def build_a8w8(gemlite: ModuleType, weight: torch.Tensor, scales: torch.Tensor) -> GemliteLayer:
+def build_a8w8(gemlite: ModuleType, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+               ) -> GemliteLayer:
     """An fp8 / int8 weight [N, K] (as stored) with channel scales [N, 1] fp32 -> a gemlite layer taking
-    pre-quantized activations of the weight's dtype, fp32 output."""
+    pre-quantized activations of the weight's dtype. out_dtype: the model dtype where the scales are complete
+    (static input scale folded in: no extra kernel), float32 where a per-token scale still multiplies the output."""
     n, k = weight.shape
-    dt = gemlite.core.TORCH_TO_DTYPE[weight.dtype]
-    lin = gemlite.GemLiteLinearTriton(8, group_size=k, in_features=k, out_features=n, input_dtype=dt,
-                                      output_dtype=gemlite.DType.FP32, scaled_activations=False)
+    core = gemlite.core
+    lin = gemlite.GemLiteLinearTriton(8, group_size=k, in_features=k, out_features=n,
+                                      input_dtype=core.TORCH_TO_DTYPE[weight.dtype],
+                                      output_dtype=core.TORCH_TO_DTYPE[out_dtype], scaled_activations=False)
     lin.pack(weight, scales, zeros=None)
-    return GemliteLayer([t.detach() for t in lin.get_tensor_args()], lin.get_meta_args(), torch.float32, 0)
+    return GemliteLayer([t.detach() for t in lin.get_tensor_args()], lin.get_meta_args(), out_dtype, 0)
 
 
 def build_a16w4(gemlite: ModuleType, q: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype
