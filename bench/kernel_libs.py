@@ -125,12 +125,13 @@ def build_fbgemm_int4(act: str):
 
 
 def _gemlite():
-    import gemlite
-    from gemlite.core import GemLiteLinear
-    cfg = Path(gemlite.__file__).parent / "configs" / "h100.json"  # no H200 file ships; same SM90 kernels
-    if cfg.exists() and "h200" in torch.cuda.get_device_name().lower():
-        GemLiteLinear.load_config(str(cfg))
-    return gemlite
+    """gemlite as quantkit.runtime loads it (kernels/libs.py: the H100 tuned configs on an H200)."""
+    from quantkit.kernels.libs import library
+
+    lib = library("gemlite", torch.device("cuda"))
+    if lib.module is None:
+        raise RuntimeError(f"gemlite: {lib.reason}")
+    return lib.module
 
 
 def build_gemlite_a16w4(ws):
