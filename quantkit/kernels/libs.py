@@ -57,8 +57,9 @@ GEMLITE_MEASURED = "0.6.0.post2"  # the version bench/kernel_libs.py measured (p
 INT4_ZERO = 8  # gemlite's zero point that turns ModelOpt's signed int4 into its unsigned codes
 
 # format -> regime -> kernels in order of preference (regimes: "m1" M = 1, "decode" M <= 16 (M = 1 too unless "m1"
-# is listed), "prefill" M > 16). A library kernel counts where it passes its self-check; a quantkit/torch kernel
-# only where quantkit's own plan picked it for that regime. Not listed: quantkit's own choice. From the table above.
+# is listed), "prefill" M > 16). A library kernel counts where its library loads (the runtime then self-checks it
+# on each layer); a quantkit/torch kernel only where quantkit's own plan picked it for that regime. Not listed:
+# quantkit's own choice. From the table above.
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "fp8": {"decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
     "fp8_pt": {"decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
