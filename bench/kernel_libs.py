@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import SHAPES, _layers  # bench/kernels.py: quantkit's kernels, same shapes
+from kernels import SHAPES, _layers, timed  # bench/kernels.py: quantkit's kernels, same shapes and timing
 
 GROUP = 128
 Case = Callable[[], None]
@@ -125,12 +125,13 @@ def build_fbgemm_int4(act: str):
 
 
 def _gemlite():
-    import gemlite
-    from gemlite.core import GemLiteLinear
-    cfg = Path(gemlite.__file__).parent / "configs" / "h100.json"  # no H200 file ships; same SM90 kernels
-    if cfg.exists() and "h200" in torch.cuda.get_device_name().lower():
-        GemLiteLinear.load_config(str(cfg))
-    return gemlite
+    """gemlite as quantkit.runtime loads it (kernels/libs.py: the H100 tuned configs on an H200)."""
+    from quantkit.kernels.libs import library
+
+    lib = library("gemlite", torch.device("cuda"))
+    if lib.module is None:
+        raise RuntimeError(f"gemlite: {lib.reason}")
+    return lib.module
 
 
 def build_gemlite_a16w4(ws):
@@ -181,20 +182,6 @@ CASES: list[tuple[str, str, Callable]] = [  # (label, library, builder)
     ("int4 gemlite A16W4", "gemlite", build_gemlite_a16w4),
     ("w4a8 fbgemm f8i4bf16_shuffled", "fbgemm-gpu-genai", build_fbgemm_int4("fp8")),
 ]
-
-
-def time_layers(layers, m: int, dev) -> float:
-    import triton.testing
-    xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in SHAPES.items()}
-
-    def run():
-        for layer in layers:
-            for name, f in layer.items():
-                f(xs[name])
-
-    run()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") / len(layers)
 
 
 def check(layer, w_layer, dev) -> float:
@@ -264,12 +251,7 @@ def main() -> None:
         except Exception as exc:
             print(f"{label}: setup failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
             continue
-        for m in ms:
-            try:
-                us = time_layers(layers, m, dev)
-            except Exception as exc:
-                print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                continue
+        for m, us in timed(label, layers, ms, dev):
             rows.append({"case": label, "library": lib, "version": libs.get(lib, "-"), "m": m, "us": us,
                          "rel_err": err})
             print(f"{label:40s} M={m:5d} {us:8.1f} us/layer  rel err {err:.3g}", flush=True)

@@ -5,7 +5,13 @@ One "layer" = the 7 projections of a decoder layer (q 4096x4096, k/v 1024x4096, 
 quantization is included. Weights of several layers rotate so no layer is timed out of L2. Each case is captured in
 a CUDA graph and replayed (triton.testing.do_bench_cudagraph, median), which is how the decode step runs.
 
-    python bench/kernels.py [--m 1,8,16] [--prefill-m 1024] [--copies 4] [--json out.json]
+    python bench/kernels.py [--m 1,8,16] [--prefill-m 1024] [--copies 4] [--compile] [--only gemlite,bf16]
+        [--json out.json]
+
+Library kernels (quantkit/kernels/libs.py: gemlite) run through the same QuantLinear, i.e. with the checkpoint's
+own activation quantization; each case also prints its relative error against the layer's dequantize reference
+(QuantLinear._dequant_forward) at M = 16, and the library and version that ran it. --compile wraps each layer's
+forward in torch.compile, as the model runs it, so the activation quantization fuses (eager it is 4-5 kernels).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantkit.runtime import QuantLinear
+from quantkit.runtime import QuantLinear, kernel_origin
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096), "gate": (14336, 4096),
           "up": (14336, 4096), "down": (4096, 14336)}  # name: (out, in)
@@ -32,9 +38,14 @@ def _tensors(fmt: str, n: int, k: int, dev: torch.device) -> dict[str, torch.Ten
         w = (torch.randn(n, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
         return {"weight": w, "weight_scale": torch.tensor(2e-4, device=dev),
                 "input_scale": torch.tensor(0.01, device=dev)}
-    if fmt in ("int8_sq", "int8_wo"):
+    if fmt == "fp8_pt":  # per-channel weights, dynamic per-token activations
+        w = (torch.randn(n, k, device=dev) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return {"weight": w, "weight_scale": torch.rand(n, device=dev) * 1e-3 + 1e-4}
+    if fmt in ("int8_sq", "int8_sq_pt", "int8_wo"):
         t = {"weight": torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev),
              "weight_scale": torch.rand(n, device=dev) * 1e-3 + 1e-4}
+        if fmt == "int8_sq_pt":
+            t["pre_quant_scale"] = torch.rand(k, device=dev) + 0.5
         if fmt == "int8_sq":
             t["input_scale"] = torch.tensor(0.02, device=dev)
             t["pre_quant_scale"] = torch.rand(k, device=dev) + 0.5
@@ -60,15 +71,39 @@ def _bytes(layer: dict[str, torch.nn.Module]) -> int:
     return sum(m.weight_bytes() if isinstance(m, QuantLinear) else m.weight.numel() * 2 for m in layer.values())
 
 
-def time_case(fmt: str, kernel: str | None, m: int, layers, dev) -> float:
+def force(layers, kernel: str | None, compile_: bool) -> None:
+    if compile_:  # one compiled graph per shape, reused by the layers' modules (as quantkit.bench sets it)
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               4096)
+    for layer in layers:
+        for mod in layer.values():
+            if isinstance(mod, QuantLinear) and kernel is not None:
+                mod.force_kernel(kernel)
+            if compile_:
+                mod.forward = torch.compile(type(mod).forward.__get__(mod), dynamic=False)
+
+
+def check(layer, dev) -> float:
+    """Worst relative error of the layer's 7 GEMMs against their dequantize reference (M = 16)."""
+    worst = 0.0
+    for name, (_, k) in SHAPES.items():
+        mod = layer[name]
+        if not isinstance(mod, QuantLinear):
+            return 0.0
+        x = torch.randn(16, k, device=dev, dtype=torch.bfloat16)
+        ref = mod._dequant_forward(x).float()
+        worst = max(worst, ((mod(x).float() - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def time_case(m: int, layers, dev) -> float:
     """Median microseconds for one layer's 7 GEMMs at M = m."""
     import triton.testing
 
     xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in SHAPES.items()}
-    for layer in layers:
-        for mod in layer.values():
-            if isinstance(mod, QuantLinear) and kernel is not None:
-                mod.kernels = {"decode": kernel, "prefill": kernel}
 
     def run():
         for layer in layers:
@@ -81,19 +116,35 @@ def time_case(fmt: str, kernel: str | None, m: int, layers, dev) -> float:
     return 1e3 * ms / len(layers)
 
 
+def timed(label: str, layers, m_list: list[int], dev) -> list[tuple[int, float]]:
+    """(M, us per layer) for each M that runs; a failing M is printed and skipped (shared with kernel_libs.py)."""
+    out = []
+    for m in m_list:
+        try:
+            out.append((m, time_case(m, layers, dev)))
+        except Exception as exc:
+            print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return out
+
+
 CASES = [  # (label, fmt, kernel)
     ("bf16 cuBLAS", "bf16", None),
     ("fp8 _scaled_mm", "fp8", "torch._scaled_mm"),
+    ("fp8 gemlite a8w8 (static act)", "fp8", "gemlite_a8w8"),
     ("int8_sq triton w8a8", "int8_sq", "triton_w8a8"),
     ("int8_sq _int_mm", "int8_sq", "torch._int_mm"),
+    ("int8_sq gemlite a8w8 (static)", "int8_sq", "gemlite_a8w8"),
+    ("int8_sq_pt triton w8a8", "int8_sq_pt", "triton_w8a8"),
+    ("int8_sq_pt gemlite (per-token)", "int8_sq_pt", "gemlite_a8w8"),
     ("int8 triton_dequant+cuBLAS", "int8_sq", "triton_dequant"),
     ("int8_wo triton w8a16", "int8_wo", "triton_w8a16"),
     ("int4 tinygemm", "int4", "tinygemm"),
     ("int4 triton w4a16", "int4", "triton_w4a16"),
+    ("int4 gemlite a16w4", "int4", "gemlite_a16w4"),
     ("int4 triton_dequant+cuBLAS", "int4", "triton_dequant"),
 ]
 PREFILL_ONLY = {"triton_dequant"}
-PREFILL_TOO = {None, "torch._scaled_mm", "torch._int_mm"}
+PREFILL_TOO = {None, "torch._scaled_mm", "torch._int_mm", "gemlite_a8w8"}
 
 
 def main() -> None:
@@ -101,8 +152,11 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,16")
     ap.add_argument("--prefill-m", default="1024")
     ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each layer's forward (as in the model)")
+    ap.add_argument("--only", default="", help="comma-separated substrings of case labels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    only = [v for v in args.only.split(",") if v]
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}")
@@ -110,36 +164,42 @@ def main() -> None:
     pms = [int(v) for v in args.prefill_m.split(",") if v]
     results = []
     for label, fmt, kernel in CASES:
+        if only and not any(v in label for v in only):
+            continue
+        origin = kernel_origin(kernel) if kernel else f"torch {torch.__version__}"
         try:
             layers = _layers(fmt, args.copies, dev)
+            if kernel == "tinygemm" and layers[0]["q"].tinygemm_weight is None:
+                print(f"{label}: tinygemm unavailable here")
+                continue
+            force(layers, kernel, args.compile)
+            err = check(layers[0], dev)
         except Exception as exc:
-            print(f"{label}: setup failed: {exc}")
+            print(f"{label}: setup failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
             continue
         nbytes = _bytes(layers[0])
-        if kernel == "tinygemm" and layers[0]["q"].tinygemm_weight is None:
-            print(f"{label}: tinygemm unavailable here")
-            continue
+        print(f"{label} ({origin}): rel err vs dequantize reference {err:.2g}", flush=True)
         m_list = pms if kernel in PREFILL_ONLY else ms + (pms if kernel in PREFILL_TOO else [])
-        for m in m_list:
-            try:
-                us = time_case(fmt, kernel, m, layers, dev)
-            except Exception as exc:
-                print(f"{label} M={m}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                continue
-            row = {"case": label, "m": m, "us_per_layer": us, "weight_gb_s": nbytes / us / 1e3}
+        for m, us in timed(label, layers, m_list, dev):
+            row = {"case": label, "library": origin, "m": m, "us_per_layer": us, "weight_gb_s": nbytes / us / 1e3,
+                   "rel_err": err}
             results.append(row)
             print(f"{label:24s} M={m:5d}  {us:8.1f} us/layer  {row['weight_gb_s']:7.0f} GB/s of weights")
         del layers
         torch.cuda.empty_cache()
     base = {r["m"]: r["us_per_layer"] for r in results if r["case"] == "bf16 cuBLAS"}
-    print("\n| kernel | " + " | ".join(f"M={m}" for m in ms + pms) + " |")
-    print("|---|" + "---:|" * len(ms + pms))
+    print(f"\n(compile={args.compile})")
+    print("| kernel (library) | rel err | " + " | ".join(f"M={m}" for m in ms + pms) + " |")
+    print("|---|---:|" + "---:|" * len(ms + pms))
     for label, _, _ in CASES:
+        got = [r for r in results if r["case"] == label]
+        if not got:
+            continue
         cells = []
         for m in ms + pms:
             r = next((r for r in results if r["case"] == label and r["m"] == m), None)
             cells.append(f"{r['us_per_layer']:.0f} us ({base[m] / r['us_per_layer']:.2f}x)" if r and m in base else "–")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        print(f"| {label} ({got[0]['library']}) | {got[0]['rel_err']:.2g} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"card": torch.cuda.get_device_name(dev), "rows": results}, indent=1))
 

@@ -162,9 +162,11 @@ def main() -> None:
 
     card = card_name(dev)
     import transformers
-    import triton
 
-    say(f"card {card}; torch {torch.__version__}, triton {triton.__version__}, transformers "
+    from quantkit.kernels.libs import version
+
+    say(f"card {card}; torch {torch.__version__}, triton {version('triton')}, gemlite {version('gemlite')}, "
+        f"transformers "
         f"{transformers.__version__}")
     bw = copy_bandwidth(dev)
     say(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
@@ -205,26 +207,50 @@ def main() -> None:
         report(rows, runs, args, card, bw)  # after every method: a run cut short keeps what it measured
 
 
+def emulated(run: dict) -> bool:
+    """A method whose decode runs the dequantize reference path (w4a8, nvfp4 on this card): labelled as such."""
+    return any(k.split("/")[1].startswith(("decode:dequant", "m1:dequant")) for k in run.get("kernels", {}))
+
+
+def kernel_table(runs: dict[str, dict]) -> str:
+    """Which kernel, from which library and version, ran each method's quantized layers (runtime.kernel_summary:
+    regime m1 = M 1, decode = M <= 16, prefill = M > 16)."""
+    from quantkit.runtime import kernel_origin
+
+    lines = ["| method | layers | regime: kernel (library) |", "|---|---:|---|"]
+    for method, run in runs.items():
+        for key, n in sorted(run.get("kernels", {}).items()):
+            fmt, rest = key.split("/", 1)
+            regime, kernel = rest.split(":", 1)
+            label = kernel if "(" in kernel else f"{kernel} ({kernel_origin(kernel)})"
+            lines.append(f"| {method} ({fmt}) | {n} | {regime}: {label} |")
+    return "\n".join(lines)
+
+
 def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, card: str, bw: float) -> None:
     import transformers
-    import triton
+
+    from quantkit.kernels.libs import version
 
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["method"] == "bf16"}
     for r in rows:
         r["vs_bf16"] = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else None
+        r["emulated"] = emulated(runs[r["method"]])
     header = ("| method | batch | decode tok/s | vs bf16 | share of bandwidth limit | limit tok/s | prefill tok/s | "
               "TTFT ms | weights GiB | peak GPU GiB |")
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs = f"{r['vs_bf16']:.2f}x" if r["vs_bf16"] else "–"
-        lines.append(f"| {r['method']} | {r['batch']} | {r['decode_tok_s']:.1f} | {vs} | {100 * r['share']:.0f}% | "
+        name = f"{r['method']} (emulated: dequantize path, no real kernel)" if r["emulated"] else r["method"]
+        lines.append(f"| {name} | {r['batch']} | {r['decode_tok_s']:.1f} | {vs} | {100 * r['share']:.0f}% | "
                      f"{r['limit_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | {r['ttft_ms']:.0f} | "
                      f"{r['weight_gib']:.2f} | {r['peak_gpu_gib']:.1f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + kernel_table(runs)
     print(f"\nLlama-3.1-8B shapes ({args.layers} layers), random weights, {card}; input {args.input_len}, output "
           f"{args.output_len}; copy bandwidth {bw / 1e9:.0f} GB/s\n{table}")
-    meta = {"card": card, "copy_gb_s": bw / 1e9, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "layers": args.layers, "input_len": args.input_len,
+    meta = {"card": card, "copy_gb_s": bw / 1e9, "torch": torch.__version__, "triton": version("triton"),
+            "gemlite": version("gemlite"), "transformers": transformers.__version__, "layers": args.layers,
+            "input_len": args.input_len,
             "output_len": args.output_len, "rows": rows,
             "runs": {k: {kk: vv for kk, vv in v.items() if kk != "settings"} for k, v in runs.items()},
             "wall_s": time.perf_counter() - T0}
@@ -232,7 +258,8 @@ def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, ca
         Path(args.json).write_text(json.dumps(meta, indent=1, default=str))
     if args.md:
         Path(args.md).write_text(f"# Llama-3.1-8B shapes, decode speed\n\nCard: **{card}** (copy {bw / 1e9:.0f} GB/s)"
-                                 f", torch {torch.__version__}, triton {triton.__version__}.\n\n{table}\n")
+                                 f", torch {torch.__version__}, triton {version('triton')}, gemlite "
+                                 f"{version('gemlite')}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

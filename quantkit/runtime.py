@@ -48,6 +48,13 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
 | int8_wo     | quantkit Triton W8A16                            | triton_dequant + cuBLAS                | dequant |
 | int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
 | w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
+Maintained libraries take over where they measured faster (kernels/libs.py has the H200 table and `CHOICES`;
+gemlite 0.6.0.post2 today): fp8, fp8_pt, int8_sq(_pt) at every M on gemlite's A8W8 GEMV/GEMM (79-116 us at
+M <= 16, 439-512 us at M = 1024, with quantkit's own activation quantization, i.e. the checkpoint's static or
+per-token scales), int4 at M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each
+is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
+with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
+in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
 "dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
 ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
 fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic with the weight dequantized in one
@@ -68,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import triton_gemm
+from quantkit.kernels import libs, triton_gemm
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +241,57 @@ def fp8_rowwise_ok(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
+# each gemlite kernel type a layer runs (8-bit: GEMV M <= 2, split-K GEMM M < 64, GEMM; int4: GEMV M <= 4, split-K
+# GEMM), at the M the bench runs (batch 1 and 8, prefill 1024) so the check autotunes nothing extra
+_LIB_CHECK_M = {"gemlite_a8w8": (1, 8, 1024), "gemlite_a16w4": (2, 8)}
+_LIB_FAIL_LOGGED: set[tuple[str, str, tuple[int, int]]] = set()
+
+
+def library_usable(kernel: str, device: torch.device) -> bool:
+    """Whether the library of `kernel` is installed and loads here (an absent one is skipped, reason logged)."""
+    return libs.library(libs.kernel_library(kernel), device).reason is None
+
+
+def library_kernel_ok(layer: QuantLinear, kernel: str) -> bool:
+    """Self-check of an attached library kernel on this layer's own tensors: its output must reproduce quantkit's
+    torch reference of the checkpoint's arithmetic (`QuantLinear._dequant_forward`) at every M it runs (each
+    gemlite kernel type: GEMV, split-K GEMM, GEMM), within 1e-2 relative (bf16 rounding of the dequantized
+    activations and weights in the reference; a wrong layout or scale is off by O(1))."""
+    dev = layer.weight.device
+    lib = libs.library(libs.kernel_library(kernel), dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    worst = 0.0
+    try:
+        for m in _LIB_CHECK_M[kernel]:
+            x = torch.randn(m, layer.in_features, generator=g, device=dev).to(layer.compute_dtype)
+            ref = layer._dequant_forward(x).float()
+            got = layer._library_forward(x).float()
+            worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+        ok = worst < 1e-2
+        why = f"rel err {worst:.3g}"
+    except Exception as exc:  # a library kernel that cannot run this layer is not used, and says why
+        ok, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    key = (kernel, layer.fmt, (layer.out_features, layer.in_features))
+    if not ok and key not in _LIB_FAIL_LOGGED:
+        _LIB_FAIL_LOGGED.add(key)
+        log.warning("%s (%s) failed its self-check for %s %dx%d on %s (%s): quantkit's kernels run it", kernel,
+                    lib.label, layer.fmt, layer.out_features, layer.in_features, dev, why)
+    return ok
+
+
+def kernel_origin(kernel: str) -> str:
+    """Which library (and version) a kernel name comes from."""
+    name = libs.kernel_library(kernel)
+    if name is not None:
+        return f"{name} {libs.version(name)}"
+    if kernel.startswith("torch.") or kernel == "tinygemm":
+        return f"torch {torch.__version__}"
+    return "quantkit"
+
+
+REGIMES = ("m1", "decode", "prefill")  # M = 1 (only where it differs from decode), M <= 16, M > 16
+
+
 # ----------------------------------------------------------------------------- the quantized linear module
 
 
@@ -279,7 +337,9 @@ class QuantLinear(nn.Module):
                 self.tinygemm_inner_k_tiles = tiles
         else:
             buf("weight", w.contiguous())
+        self._lib: libs.GemliteLayer | None = None  # a library kernel's layout; its tensors are buffers lib_arg*
         self.kernels = self._plan(dev)
+        self._plan_libraries(dev)
 
     # -- which kernel runs where (recorded on the model as quantkit_kernels)
     def _plan(self, dev: torch.device) -> dict[str, str]:
@@ -310,6 +370,60 @@ class QuantLinear(nn.Module):
             decode = next((c for c in order if c), w4)
             return {"decode": decode, "prefill": w4}
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
+
+    def _plan_libraries(self, dev: torch.device) -> None:
+        """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads
+        and that passes its self-check on this layer, or the kernel quantkit's own plan picked (listed where it
+        won the measurement, e.g. tinygemm at M = 1). Otherwise quantkit's plan stays, and the log says why."""
+        plan = libs.choose(self.fmt, self.kernels, lambda c: library_usable(c, dev),
+                           self.out_features * self.in_features)
+        chosen = sorted({k for k in plan.values() if libs.kernel_library(k) is not None})
+        if not chosen:
+            return
+        try:
+            for kernel in chosen:  # one library layout per layer (CHOICES never mixes two)
+                self.attach_library(kernel)
+        except Exception as exc:
+            log.warning("layer %dx%d (%s) stays on quantkit's kernels: %s does not take it (%s: %s)",
+                        self.out_features, self.in_features, self.fmt, chosen, type(exc).__name__, exc)
+            self._set_library(None)
+            return
+        if not all(library_kernel_ok(self, k) for k in chosen):
+            self._set_library(None)
+            return
+        plan["library"] = ", ".join(libs.library(libs.kernel_library(k), dev).label for k in chosen)
+        self.kernels = plan
+
+    def attach_library(self, kernel: str) -> None:
+        """Build `kernel`'s layout of this layer's weights (from the buffers; 8-bit: a view, no copy)."""
+        lib = libs.library(libs.kernel_library(kernel), self.weight.device)
+        if lib.module is None:
+            raise RuntimeError(f"{kernel}: {lib.reason}")
+        if kernel == "gemlite_a8w8":
+            scales = libs.a8w8_channel_scales(self.weight_scale, self.input_scale, self.out_features)
+            out = self.compute_dtype if self.input_scale is not None else torch.float32  # per token: scaled after
+            self._set_library(libs.build_a8w8(lib.module, self.weight, scales, out))
+        elif kernel == "gemlite_a16w4":
+            q = triton_gemm.unpack_int4_k(self.weight)
+            self._set_library(libs.build_a16w4(lib.module, q, self.weight_scale, self.group_size, self.compute_dtype))
+        else:
+            raise KeyError(kernel)
+
+    def _set_library(self, layer: libs.GemliteLayer | None) -> None:
+        """The library's tensors become (non-persistent) buffers, so torch.compile treats them like the other
+        buffers: graph inputs, one compiled graph for every layer of a shape (not one per layer)."""
+        old = self._lib
+        for i in range(len(old.tensors) if old is not None else 0):
+            delattr(self, f"lib_arg{i}")
+        self._lib = layer
+        for i, t in enumerate(layer.tensors if layer is not None else ()):
+            self.register_buffer(f"lib_arg{i}", t.detach(), persistent=False)
+
+    def force_kernel(self, kernel: str) -> None:
+        """Run every M on `kernel` (benchmarks; no self-check)."""
+        if libs.kernel_library(kernel) is not None:
+            self.attach_library(kernel)
+        self.kernels = {"decode": kernel, "prefill": kernel}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
@@ -355,8 +469,7 @@ class QuantLinear(nn.Module):
         pad = (-m) % 16  # cuBLASLt FP8 wants M % 16 == 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        scale = self._act_scale(x, FP8_MAX)
-        xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        xq, scale = self._fp8_input(x)
         if self.rowwise or scale.numel() > 1:  # per-row weight or per-token scales: cuBLASLt row-wise scaling
             sa = scale.reshape(-1, 1).expand(x.shape[0], 1).contiguous()
             sb = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
@@ -366,12 +479,36 @@ class QuantLinear(nn.Module):
                                  use_fast_accum=True)
         return y[:m] if pad else y
 
+    def _fp8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E4M3 activations and their scale (static scalar, or [M, 1] per token), as ModelOpt quantizes them."""
+        scale = self._act_scale(x, FP8_MAX)
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 activations and their scale (scalar, or [M, 1] per token)."""
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         scale = self._act_scale(x, 127.0)
         return quantize_int8(x, scale), scale
+
+    def _library_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The attached library kernel, with quantkit's own activation quantization (kernels/libs.py says why)."""
+        lay = self._lib
+        if lay is None:
+            raise RuntimeError("no library kernel attached")
+        args = [getattr(self, f"lib_arg{i}") for i in range(len(lay.tensors))]
+        if self.fmt == "int4":
+            if self.pre_quant_scale is not None:
+                x = x * self.pre_quant_scale
+            return libs.gemlite_gemm(x, args, lay.meta, lay.out_dtype)
+        if self.fmt in ("fp8", "fp8_pt"):
+            xq, scale = self._fp8_input(x * self.pre_quant_scale if self.pre_quant_scale is not None else x)
+        else:
+            xq, scale = self._quantized_input(x)
+        y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # static input scale folded into its scales
+        if self.input_scale is None:
+            y = y * scale  # per-token [M, 1], on the fp32 output
+        return y.to(x.dtype)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
@@ -384,11 +521,15 @@ class QuantLinear(nn.Module):
         return y[:m] if pad else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernels["decode"] if x.shape[0] <= DECODE_MAX_M else self.kernels["prefill"]
+        m = x.shape[0]
+        kernel = self.kernels["prefill"] if m > DECODE_MAX_M else self.kernels.get("m1" if m == 1 else "decode",
+                                                                                      self.kernels["decode"])
         if kernel in ("dequant", "triton_dequant"):
             return self._dequant_forward(x, fast=kernel == "triton_dequant")
         if kernel == "torch._scaled_mm":
             return self._scaled_mm(x)
+        if libs.kernel_library(kernel) is not None:
+            return self._library_forward(x)
         if kernel == "torch._int_mm":
             return self._int_mm(x)
         if kernel == "triton_w8a8":
@@ -414,8 +555,12 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads for this layer (the layout its decode kernel streams, plus scales)."""
-        main = self.tinygemm_weight if self.kernels.get("decode") == "tinygemm" else self.weight
+        step = self.kernels.get("m1", self.kernels.get("decode"))  # what a batch-1 step runs
         extra = [t for t in (self.weight_scale, self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
+        if step == "gemlite_a16w4" and self._lib is not None:  # its packed weight and fp32 scales
+            extra = [t for t in (self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
+            return self._lib.nbytes + sum(t.numel() * t.element_size() for t in extra)
+        main = self.tinygemm_weight if step == "tinygemm" else self.weight
         return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
 
@@ -759,10 +904,14 @@ def kernel_summary(model: nn.Module) -> dict[str, int]:
     """How many layers use each (format, regime, kernel): a short line for logs and bench results."""
     counts: dict[str, int] = {}
     for info in getattr(model, "quantkit_kernels", {}).values():
-        for regime, kernel in info.items():
-            if regime != "format":
-                key = f"{info['format']}/{regime}:{kernel}"
-                counts[key] = counts.get(key, 0) + 1
+        for regime in REGIMES:
+            kernel = info.get(regime)
+            if kernel is None:
+                continue
+            key = f"{info['format']}/{regime}:{kernel}"
+            if libs.kernel_library(kernel) is not None:
+                key += f" ({info.get('library') or kernel_origin(kernel)})"
+            counts[key] = counts.get(key, 0) + 1
     return counts
 
 
