@@ -383,3 +383,29 @@ def test_resume_state_of_awq_clip_costs_one_byte_per_block(tmp_path):
     coded = sum((s["codes"].numel() if s["codes"] is not None else 0) + 4 * s["rest"].numel() for s in specs.values())
     assert coded <= 1.05 * blocks
     assert len(blob) <= coded + 1536 * len(state["quantizers"])
+
+
+def test_weight_checksums_are_exact_and_need_no_int64_copy_of_a_weight(monkeypatch):
+    """`sum(dtype=int64)` casts its whole input first (an 8B embedding: a 4 GiB temporary, the 8B table's extra peak
+    GPU); the chunked sum is the same integer (numpy's int64 sum is the ground truth) with a bounded temporary."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantkit import resume
+
+    model = make_tiny_llama()  # float32: its bits are summed as int32
+    embed = model.get_input_embeddings().weight
+    chunk = 1 << 15
+    monkeypatch.setattr(resume, "CHECKSUM_CHUNK", chunk)
+    truth = {n: int(p.detach().view(torch.int32).numpy().astype(np.int64).sum()) for n, p in model.named_parameters()}
+
+    def biggest_allocation(fn) -> tuple[object, int]:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        return out, max(e.self_cpu_memory_usage for e in prof.events())
+
+    got, peak = biggest_allocation(lambda: resume.weight_checksums(model))
+    assert got == truth
+    assert peak <= chunk * 8
+    _, old_peak = biggest_allocation(lambda: int(embed.detach().view(torch.int32).sum(dtype=torch.int64)))
+    assert old_peak >= embed.numel() * 8 > 50 * peak  # what the unchunked sum allocated
