@@ -385,17 +385,20 @@ def _fix_mixed_pre_quant_flags(folder: Path) -> None:
     path.write_text(json.dumps(cfg, indent=4))
 
 
-def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16") -> Path:
+def export_hf(model: torch.nn.Module, target: Path, dtype: str = "bfloat16", keep_model: bool = True) -> Path:
     """HF unified checkpoint via `modelopt.torch.export.export_hf_checkpoint` (ModelOpt format).
 
-    The exporter packs weights in place; `_undo_in_place_export` hands the model back unchanged (so evaluation
-    can follow) without the deep copy of the whole model this used to take. Offloaded models take ModelOpt's
-    streaming writer (one layer materialized at a time).
+    The exporter packs weights in place; with `keep_model`, `_undo_in_place_export` hands the model back unchanged
+    (so evaluation can follow) without a deep copy, but the 16-bit weights stay alive next to the packed ones until
+    the end (8B fp8: 15 + 6.5 GiB). `keep_model=False` when nothing uses the model afterwards: each replaced
+    weight is freed as the exporter goes, as in a plain ModelOpt export, and the model is left packed.
+    Offloaded models take ModelOpt's streaming writer (one layer materialized at a time).
     """
     from modelopt.torch.export import export_hf_checkpoint
 
     _ensure_architectures(model)
-    with staging_dir(target) as tmp, _undo_in_place_export(model), _quiet():
+    undo = _undo_in_place_export(model) if keep_model else contextlib.nullcontext()
+    with staging_dir(target) as tmp, undo, _quiet():
         if _unquantized_moe(model):
             # ModelOpt 0.47 refuses an unquantized model with fused experts ("MoE model with experts type ...
             # not supported"); unquantized, the HF checkpoint is the transformers model itself
