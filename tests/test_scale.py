@@ -480,3 +480,33 @@ def test_calibration_keeps_full_logits_when_the_output_head_is_quantized(calib_i
     counter = ForwardCounter()
     make_forward_loop(CalibrationSet(calib_ids, 4, "x"), counter)(model)
     assert set(head_tokens) == {calib_ids.shape[1]} and counter.batches == 2 and len(counter.pass_s) == 1
+
+
+@pytest.mark.parametrize("method", [{"method": "int8_sq", "smoothquant_alpha": 0.5}, {"method": "int8_wo"}],
+                         ids=["int8_sq_per_token", "int8_wo"])
+def test_trtllm_layout_is_made_before_the_shards_are_written_once(tmp_path, calib_ids, monkeypatch, method):
+    """The plugin / weight-only layouts are applied between ModelOpt's conversion and its write: no shard is read
+    back, and the tensors are those of ModelOpt's own shards converted afterwards (the flow this replaced)."""
+    import json
+
+    import safetensors.torch
+
+    from quantkit import export as export_stage
+
+    model = _quantized(method, calib_ids)
+    raw = copy.deepcopy(model)
+    reads: list[str] = []
+    real_load = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: reads.append(path) or real_load(path))
+    export_stage.export_trtllm(model, tmp_path / "once", dtype="bfloat16")
+    assert reads == []
+    monkeypatch.setattr(export_stage, "layout_tensors", lambda t, cfg: None)  # ModelOpt's own tensors
+    export_stage.export_trtllm(raw, tmp_path / "raw", dtype="bfloat16")
+    cfg = json.loads((tmp_path / "once" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] in ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16")
+    monkeypatch.undo()
+    converted = real_load(str(tmp_path / "raw" / "rank0.safetensors"))
+    export_stage.layout_tensors(converted, {**json.loads((tmp_path / "raw" / "config.json").read_text()), "rank": 0})
+    once = real_load(str(tmp_path / "once" / "rank0.safetensors"))
+    assert set(once) == set(converted)
+    assert all(once[k].dtype == converted[k].dtype and torch.equal(once[k], converted[k]) for k in once)
