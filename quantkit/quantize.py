@@ -197,6 +197,9 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
                  else "no data")
         raise out_of_memory("quantize", f"calibrating {method.name} ({batch})", exc, OOM_FIX["quantize"]) from exc
     log.debug("modelopt output:\n%s", chatter.getvalue())
+    for line in chatter.getvalue().splitlines():  # the first run on a machine JIT-builds these (a minute or more)
+        if line.startswith("Loaded extension"):
+            log.info("modelopt: %s", line)
     if settings.get("activations") == "per_token":
         use_per_token_activations(model)
     return model
