@@ -155,6 +155,9 @@ def job_quantkit(args) -> dict:
     st = {k: stages[k]["wall_s"] for k in ("quantize", "export", "check", "build") if k in stages}
     st["load+other"] = round(wall - sum(st.values()), 2)  # before the quantize detail below turns it into text
     q = stages.get("quantize", {})
+    for k in ("quantize", "export"):  # the process's peak GPU at the end of each stage: which stage made the peak
+        if stages.get(k, {}).get("peak_gpu_gib") is not None:
+            st[k] = f"{st[k]} [peak so far {stages[k]['peak_gpu_gib']} GiB]"
     if "quantize_s" in q:  # where the quantize stage went: ModelOpt's call (its passes over the data), resume state
         passes = "+".join(map(str, q.get("calibration_pass_s", [])))
         state = q.get("state_s", "-")
@@ -211,6 +214,7 @@ def job_direct(args) -> dict:
         smoothquant_auto(model, loop, per_token=settings["activations"] == "per_token")
     _sync()
     st["quantize"] = round(time.perf_counter() - t, 2)
+    peak_quantize = _peak_gpu_gib()
     t = time.perf_counter()
     status = "ok"
     if not args.offload or args.offload_trtllm:
@@ -225,6 +229,8 @@ def job_direct(args) -> dict:
     _sync()
     st["export_hf"] = round(time.perf_counter() - t, 2)
     wall = time.perf_counter() - t0
+    if peak_quantize:  # as in the quantkit row: the peak so far at the end of quantize
+        st["quantize"] = f"{st['quantize']} [peak so far {peak_quantize:.2f} GiB]"
     return {"wall_s": round(wall, 2), "stages_s": st, "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "disk_bytes": dir_bytes(out), "export_bytes": dir_bytes(out), "status": status}

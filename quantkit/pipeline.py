@@ -257,6 +257,11 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
 PLACEMENT_FIELDS = ("device_map", "max_memory")
 
 
+def _gpu_peak_gib() -> float | None:
+    """The process's peak GPU allocation so far (recorded at the end of quantize and export: where the peak is)."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
 def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path, info: dict):
     """Calibrate, then write the small resume state (quantizer state and weight folds, no weights)."""
     from quantkit import resume
@@ -293,6 +298,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
         with resource_errors("quantize", state_path, len(blob)):
             atomic_write_bytes(state_path, blob)
         info.update(state_bytes=len(blob), state_s=round(time.perf_counter() - t0, 2))
+    info["peak_gpu_gib"] = _gpu_peak_gib()
     return model
 
 
@@ -314,6 +320,7 @@ def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict, keep_mo
             export_stage.export_hf(model, target, m.dtype, keep_model=keep_model)
             tokenizer.save_pretrained(target)
         info["hf_bytes"] = dir_bytes(target)
+    info["peak_gpu_gib"] = _gpu_peak_gib()
 
 
 def planned_write_bytes(recipe: Recipe) -> dict[str, int]:
