@@ -9,9 +9,11 @@ alpha search (ModelOpt's config then has no algorithm): the ratio measures the p
 
 The model: Llama-3.1-8B shapes (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 128256), random bf16 weights
 (normal, std 0.02), made on the GPU and saved as a local HF folder with a word-level tokenizer (about 25 s).
-`--max-memory-gib X` adds an offload row per method: model.max_memory {0: X GiB} in quantkit, device_map auto with
-the same max_memory directly; its TensorRT-LLM export is off unless --offload-trtllm (ModelOpt's TensorRT-LLM
-exporter needs every weight resident: quantkit materializes the whole model for it).
+`--max-memory-gib X` adds an offload row per method (or per `--offload-methods`): model.max_memory {0: X GiB} in
+quantkit, device_map auto with the same max_memory directly; its TensorRT-LLM export is off unless --offload-trtllm
+(ModelOpt's TensorRT-LLM exporter needs every weight resident: quantkit materializes the whole model for it).
+nvfp4 on a GPU before Blackwell is fake quantization (no FP4 tensor cores): its row says so.
+quantkit's quantize stage is split into ModelOpt's call (seconds per pass over the data) and the resume state.
 
     python3 bench/pipeline_cost.py --methods fp8 int8_sq int4_awq w4a8_awq nvfp4 [--layers 32]
         [--max-memory-gib 8] [--json out.json] [--workdir /tmp/qk-cost] [--samples 128] [--seq 512]
@@ -38,8 +40,9 @@ from quantkit.runfolder import dir_bytes  # noqa: E402 - after the path insert
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
-SMALL = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=32000)  # --small: a CPU smoke run of this script, not a measurement
+# --small: a CPU run of this script. The vocabulary stays Llama-3.1's: what scales with it (logits over 128256
+# entries, the embedding) is what the 8B table's extra peak came from.
+SMALL = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 WORDS = 20000  # word-level tokenizer: one word, one token
 
 
@@ -87,6 +90,28 @@ def make_model(folder: Path, layers: int, small: bool = False) -> float:
     return time.perf_counter() - t0
 
 
+def warm_extensions() -> str:
+    """Build (or load) ModelOpt's CUDA fake-quant extensions once, before any job: torch JIT-compiles them into
+    ~/.cache/torch_extensions in the first process that fake-quantizes on the GPU (int8 / int4 blocks:
+    modelopt_cuda_ext; fp8: modelopt_cuda_ext_fp8) and later processes load the cache. On a fresh machine that first
+    process is the first job of the call, so an uncached build lands in one side's quantize stage only."""
+    import contextlib
+    import io
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no GPU: ModelOpt's CUDA extensions not used"
+    from modelopt.torch.quantization import extensions
+
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        built = {"modelopt_cuda_ext": extensions.get_cuda_ext(), "modelopt_cuda_ext_fp8": extensions.get_cuda_ext_fp8()}
+    status = ", ".join(f"{k} {'ok' if v is not None else 'unavailable (Python fallback)'}" for k, v in built.items())
+    return f"ModelOpt CUDA extensions {time.perf_counter() - t0:.1f} s before the jobs ({status})"
+
+
 def make_text(path: Path, tokens: int) -> None:
     import random
 
@@ -128,8 +153,15 @@ def job_quantkit(args) -> dict:
     wall = time.perf_counter() - t0
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     st = {k: stages[k]["wall_s"] for k in ("quantize", "export", "check", "build") if k in stages}
-    st["load+other"] = round(wall - sum(st.values()), 2)
+    st["load+other"] = round(wall - sum(st.values()), 2)  # before the quantize detail below turns it into text
     q = stages.get("quantize", {})
+    for k in ("quantize", "export"):  # the process's peak GPU at the end of each stage: which stage made the peak
+        if stages.get(k, {}).get("peak_gpu_gib") is not None:
+            st[k] = f"{st[k]} [peak so far {stages[k]['peak_gpu_gib']} GiB]"
+    if "quantize_s" in q:  # where the quantize stage went: ModelOpt's call (its passes over the data), resume state
+        passes = "+".join(map(str, q.get("calibration_pass_s", [])))
+        state = q.get("state_s", "-")
+        st["quantize"] = f"{st['quantize']} (calibrate {q['quantize_s']}: passes {passes}; state {state})"
     return {"wall_s": round(wall, 2), "stages_s": st, "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "disk_bytes": dir_bytes(run_dir), "export_bytes": dir_bytes(run_dir / "export"),
@@ -182,6 +214,7 @@ def job_direct(args) -> dict:
         smoothquant_auto(model, loop, per_token=settings["activations"] == "per_token")
     _sync()
     st["quantize"] = round(time.perf_counter() - t, 2)
+    peak_quantize = _peak_gpu_gib()
     t = time.perf_counter()
     status = "ok"
     if not args.offload or args.offload_trtllm:
@@ -196,6 +229,8 @@ def job_direct(args) -> dict:
     _sync()
     st["export_hf"] = round(time.perf_counter() - t, 2)
     wall = time.perf_counter() - t0
+    if peak_quantize:  # as in the quantkit row: the peak so far at the end of quantize
+        st["quantize"] = f"{st['quantize']} [peak so far {peak_quantize:.2f} GiB]"
     return {"wall_s": round(wall, 2), "stages_s": st, "peak_gpu_gib": _peak_gpu_gib(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "disk_bytes": dir_bytes(out), "export_bytes": dir_bytes(out), "status": status}
@@ -217,6 +252,15 @@ def child(args, job: str, method: str, offload: bool, timeout: int) -> dict:
             return json.loads(line[7:])
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"status": f"rc {done.returncode} after {time.perf_counter() - t0:.0f} s: {' | '.join(tail)[:300]}"}
+
+
+def label(method: str, card: str) -> str:
+    """Row name; NVFP4 on a GPU without FP4 tensor cores (before Blackwell, sm_100) runs as fake quantization."""
+    import torch
+
+    if method == "nvfp4" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (10, 0)):
+        return f"nvfp4 (emulated on {card}: fake quantization, no FP4 tensor cores)"
+    return method
 
 
 def ratio(a: dict, b: dict, key: str) -> str:
@@ -253,6 +297,8 @@ def main() -> None:
     ap.add_argument("--batch", default="8", help="calibration batch size, or auto")
     ap.add_argument("--max-memory-gib", type=float, default=0.0, help="also run each method offloaded at this cap")
     ap.add_argument("--offload-only", action="store_true", help="only the offload rows")
+    ap.add_argument("--offload-methods", nargs="+", default=None,
+                    help="methods that get an offload row (default: --methods)")
     ap.add_argument("--offload-trtllm", action="store_true")
     ap.add_argument("--workdir", default="/tmp/qk-cost")
     ap.add_argument("--json", default=None)
@@ -283,16 +329,19 @@ def main() -> None:
     if not text.is_file():
         make_text(text, args.samples * args.seq)
     args.model_dir, args.text = str(model_dir), str(text)
+    extensions = warm_extensions()
+    print(extensions, flush=True)
     model_gib = dir_bytes(model_dir) / 2**30
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     results.setdefault("rows", {})
-    results.update(card=card, layers=args.layers, model_gib=round(model_gib, 2),
+    results.update(card=card, layers=args.layers, model_gib=round(model_gib, 2), extensions=extensions,
                    calibration=f"{args.samples}x{args.seq} batch {args.batch}")
+    offload_methods = args.offload_methods or args.methods
     variants = ([] if args.offload_only else [(m, False) for m in args.methods]) + (
-        [(m, True) for m in args.methods] if args.max_memory_gib else [])
+        [(m, True) for m in offload_methods] if args.max_memory_gib else [])
     for method, offload in variants:
-        key = f"{method} @{args.max_memory_gib:g}GiB" if offload else method
+        key = label(method, card) + (f" @{args.max_memory_gib:g}GiB cap, {model_gib:.1f} GiB model" if offload else "")
         pair = results["rows"].get(key, {})
         for job in args.jobs:
             shutil.rmtree(work / "runs", ignore_errors=True)  # disk: 64 GB on the device
@@ -304,7 +353,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(work / "direct", ignore_errors=True)
-    print(f"\ncard {card}; model {args.layers} layers, {model_gib:.1f} GiB bf16; calibration {results['calibration']}")
+    print(f"\ncard {card}; model {args.layers} layers, {model_gib:.1f} GiB bf16; calibration {results['calibration']}; "
+          f"{extensions}")
     print(table(results["rows"]))
 
 

@@ -232,7 +232,7 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
                         export_stage.share_fused_scales(model)
             if export_pending:
                 with folder.stage("export", fp_export, log) as info:
-                    _export(model, tokenizer, recipe, run_dir / "export", info)
+                    _export(model, tokenizer, recipe, run_dir / "export", info, keep_model=eval_pending)
         _check_stage(folder, run_dir, fp_export)
         if eval_pending:
             from quantkit.evaluate import evaluate
@@ -260,6 +260,11 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
 PLACEMENT_FIELDS = ("device_map", "max_memory")
 
 
+def _gpu_peak_gib() -> float | None:
+    """The process's peak GPU allocation so far (recorded at the end of quantize and export: where the peak is)."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
 def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path, info: dict):
     """Calibrate, then write the small resume state (quantizer state and weight folds, no weights)."""
     from quantkit import resume
@@ -275,6 +280,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
         model = quantize_model(model, q, calib, counter)
     info.update(settings=resolved_settings(q), quantizers=quantizer_summary(model),
                 calibration_batches=counter.batches, calibration_batch_size=counter.batch_size,
+                calibration_pass_s=counter.pass_s,
                 calibration_tokens=int(calib.input_ids.numel()) if calib is not None else 0,
                 calibration_fingerprint=calib.fingerprint if calib is not None else None,
                 quantize_s=round(time.perf_counter() - t0, 2))
@@ -289,15 +295,18 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
         info["auto_quantize"] = "quantize/auto_quantize.json"
         info["effective_bits"] = choice["effective_bits"]
     if method.preset is not None:
+        t0 = time.perf_counter()
         state_path = run_dir / "quantize" / resume.STATE_FILE
         blob = resume.state_bytes(model, folds, source_checksums=source)
         with resource_errors("quantize", state_path, len(blob)):
             atomic_write_bytes(state_path, blob)
-        info["state_bytes"] = len(blob)
+        info.update(state_bytes=len(blob), state_s=round(time.perf_counter() - t0, 2))
+    info["peak_gpu_gib"] = _gpu_peak_gib()
     return model
 
 
-def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict) -> None:
+def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict, keep_model: bool = True) -> None:
+    """Both checkpoints; `keep_model=False` (no evaluation follows) lets the HF exporter consume the model."""
     from quantkit import export as export_stage
 
     m, e = recipe.model, recipe.export
@@ -311,9 +320,10 @@ def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict) -> None
     if e.hf:
         target = exports / "hf"
         with resource_errors("export", target), export_stage.offload_aware_fusion(model):
-            export_stage.export_hf(model, target, m.dtype)
+            export_stage.export_hf(model, target, m.dtype, keep_model=keep_model)
             tokenizer.save_pretrained(target)
         info["hf_bytes"] = dir_bytes(target)
+    info["peak_gpu_gib"] = _gpu_peak_gib()
 
 
 def planned_write_bytes(recipe: Recipe) -> dict[str, int]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import io
 import logging
 import math
+import time
 import warnings
 
 import torch
@@ -66,6 +68,7 @@ class ForwardCounter:
     def __init__(self) -> None:
         self.batches = 0
         self.batch_size: int | None = None  # the resolved calibration batch (batch_size: auto)
+        self.pass_s: list[float] = []  # wall seconds of each pass over the data (AWQ and SmoothQuant make several)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -108,14 +111,42 @@ def resolve_batch_size(model: torch.nn.Module, calib: CalibrationSet, section: Q
     return resolved
 
 
+def _has_enabled_quantizer(module: torch.nn.Module | None) -> bool:
+    return module is not None and any(type(m).__name__.endswith("Quantizer") and getattr(m, "is_enabled", False)
+                                      for m in module.modules())
+
+
+def calibration_forward_kwargs(model: torch.nn.Module) -> dict[str, object]:
+    """What a calibration forward can skip without changing any quantizer's statistics.
+
+    No KV cache (ModelOpt's own calibration loop, `dataset_utils._forward_loop`, turns `use_cache` off): nothing
+    reads it, and at 8B x batch 8 x 512 tokens it is 0.5 GiB. Logits for the last position only while the output
+    head has no enabled quantizer (lm_head is excluded by default): nothing reads the others either, and the
+    full-vocabulary logits are 1 GiB of bf16 at that size (128256 x 4096) and the largest single activation.
+    Only arguments the model's forward names are passed."""
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, object] = {}
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "logits_to_keep" in params and head is not None and not _has_enabled_quantizer(head):
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
 def make_forward_loop(calib: CalibrationSet, counter: ForwardCounter, desc: str = "calibrate"):
     def forward_loop(model: torch.nn.Module) -> None:
         device = input_device(model)
+        kwargs = calibration_forward_kwargs(model)  # per pass: algorithms switch quantizers between passes
+        t0 = time.perf_counter()
         # AWQ calls the loop more than once (search, then apply): one bar per pass.
         with torch.no_grad():
             for batch in tqdm(calib.batches(), total=len(calib), desc=desc, unit="batch", leave=False):
-                model(batch.to(device))
+                model(batch.to(device), **kwargs)
                 counter.batches += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        counter.pass_s.append(round(time.perf_counter() - t0, 2))
 
     return forward_loop
 
@@ -166,6 +197,9 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
                  else "no data")
         raise out_of_memory("quantize", f"calibrating {method.name} ({batch})", exc, OOM_FIX["quantize"]) from exc
     log.debug("modelopt output:\n%s", chatter.getvalue())
+    for line in chatter.getvalue().splitlines():  # the first run on a machine JIT-builds these (a minute or more)
+        if line.startswith("Loaded extension"):
+            log.info("modelopt: %s", line)
     if settings.get("activations") == "per_token":
         use_per_token_activations(model)
     return model

@@ -196,6 +196,28 @@ def test_hf_export_without_a_copy_leaves_the_model_as_it_was(tmp_path, calib_ids
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
+@pytest.mark.parametrize("method", [{"method": "fp8"}, {"method": "int4_awq", "awq_algorithm": "awq_lite",
+                                                        "block_size": 32}], ids=["fp8", "int4_awq_lite"])
+def test_hf_export_that_may_consume_the_model_frees_each_weight_it_packs(tmp_path, calib_ids, method):
+    """No evaluation after export (the pipeline's keep_model=False): the 16-bit weights go as the exporter packs them,
+    as in a plain ModelOpt export (kept, they sat next to the packed ones: the 8B table's extra peak GPU), and the
+    checkpoint is the same bytes."""
+    import weakref
+
+    from quantkit import export as export_stage
+
+    model = _quantized(method, calib_ids)
+    reference = copy.deepcopy(model)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    originals = [weakref.ref(m.weight) for m in linears]
+    export_stage.export_hf(model, tmp_path / "consumed", keep_model=False)
+    assert all(r() is None for r in originals)
+    kept = [(m, m.weight) for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear)]
+    export_stage.export_hf(reference, tmp_path / "kept")  # keep_model=True: the same tensors are given back
+    assert all(m.weight is w for m, w in kept)
+    assert _files(tmp_path / "consumed") == _files(tmp_path / "kept")
+
+
 @pytest.mark.parametrize("method", [{"method": "fp8"}, {"method": "fp8", "kv_cache": "fp8"}, {"method": "int8_sq"}],
                          ids=["fp8", "fp8_kv", "int8_sq"])
 def test_share_fused_scales_is_what_the_trtllm_exporter_does(tmp_path, calib_ids, method):
@@ -383,3 +405,108 @@ def test_resume_state_of_awq_clip_costs_one_byte_per_block(tmp_path):
     coded = sum((s["codes"].numel() if s["codes"] is not None else 0) + 4 * s["rest"].numel() for s in specs.values())
     assert coded <= 1.05 * blocks
     assert len(blob) <= coded + 1536 * len(state["quantizers"])
+
+
+def test_weight_checksums_are_exact_and_need_no_int64_copy_of_a_weight(monkeypatch):
+    """`sum(dtype=int64)` casts its whole input first (an 8B embedding: a 4 GiB temporary, the 8B table's extra peak
+    GPU); the chunked sum is the same integer (numpy's int64 sum is the ground truth) with a bounded temporary."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantkit import resume
+
+    model = make_tiny_llama()  # float32: its bits are summed as int32
+    embed = model.get_input_embeddings().weight
+    chunk = 1 << 15
+    monkeypatch.setattr(resume, "CHECKSUM_CHUNK", chunk)
+    truth = {n: int(p.detach().view(torch.int32).numpy().astype(np.int64).sum()) for n, p in model.named_parameters()}
+
+    def biggest_allocation(fn) -> tuple[object, int]:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        return out, max(e.self_cpu_memory_usage for e in prof.events())
+
+    got, peak = biggest_allocation(lambda: resume.weight_checksums(model))
+    assert got == truth
+    assert peak <= chunk * 8
+    _, old_peak = biggest_allocation(lambda: int(embed.detach().view(torch.int32).sum(dtype=torch.int64)))
+    assert old_peak >= embed.numel() * 8 > 50 * peak  # what the unchunked sum allocated
+
+
+@pytest.mark.parametrize("method", [{"method": "fp8", "kv_cache": "fp8"},
+                                    {"method": "int4_awq", "awq_algorithm": "awq_lite", "block_size": 32}],
+                         ids=["fp8_kv", "int4_awq_lite"])
+def test_calibration_without_kv_cache_and_full_logits_finds_the_same_scales(calib_ids, method):
+    """The calibration loop skips the KV cache and all but the last position's logits (lm_head excluded): the
+    quantizer state must be bit-identical to a plain `model(batch)` loop over the same data (the direct job)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.utils import get_quantizer_state_dict
+
+    from quantkit.methods import build_modelopt_config
+    from quantkit.quantize import quantize_model
+
+    section = QuantizeSection(**method)
+    calib = CalibrationSet(calib_ids, 4, "x")
+    head_tokens: list[int] = []
+    ours = make_tiny_llama().to(torch.bfloat16)
+    ours.lm_head.register_forward_pre_hook(lambda _m, args: head_tokens.append(args[0].shape[1]))
+    ours = quantize_model(ours, section, calib)
+    assert head_tokens and set(head_tokens) == {1}
+
+    def plain(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for batch in calib.batches():
+                m(batch)
+
+    direct = mtq.quantize(make_tiny_llama().to(torch.bfloat16), build_modelopt_config(section), plain)
+    a, b = get_quantizer_state_dict(ours), get_quantizer_state_dict(direct)
+    assert set(a) == set(b)
+    for name in a:
+        assert set(a[name]) == set(b[name]), name
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert all(torch.equal(x, y) for x, y in zip(ours.state_dict().values(), direct.state_dict().values(),
+                                                 strict=True))
+
+
+def test_calibration_keeps_full_logits_when_the_output_head_is_quantized(calib_ids):
+    """A recipe that quantizes lm_head needs its input statistics over every position."""
+    from quantkit.quantize import ForwardCounter, make_forward_loop, quantize_model
+
+    model = quantize_model(make_tiny_llama().to(torch.bfloat16), QuantizeSection(method="fp8"),
+                           CalibrationSet(calib_ids, 4, "x"))
+    model.lm_head.input_quantizer.enable()  # as with lm_head quantized (ModelOpt's presets keep it off)
+    head_tokens: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: head_tokens.append(args[0].shape[1]))
+    counter = ForwardCounter()
+    make_forward_loop(CalibrationSet(calib_ids, 4, "x"), counter)(model)
+    assert set(head_tokens) == {calib_ids.shape[1]} and counter.batches == 2 and len(counter.pass_s) == 1
+
+
+@pytest.mark.parametrize("method", [{"method": "int8_sq", "smoothquant_alpha": 0.5}, {"method": "int8_wo"}],
+                         ids=["int8_sq_per_token", "int8_wo"])
+def test_trtllm_layout_is_made_before_the_shards_are_written_once(tmp_path, calib_ids, monkeypatch, method):
+    """The plugin / weight-only layouts are applied between ModelOpt's conversion and its write: no shard is read
+    back, and the tensors are those of ModelOpt's own shards converted afterwards (the flow this replaced)."""
+    import json
+
+    import safetensors.torch
+
+    from quantkit import export as export_stage
+
+    model = _quantized(method, calib_ids)
+    raw = copy.deepcopy(model)
+    reads: list[str] = []
+    real_load = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: reads.append(path) or real_load(path))
+    export_stage.export_trtllm(model, tmp_path / "once", dtype="bfloat16")
+    assert reads == []
+    monkeypatch.setattr(export_stage, "layout_tensors", lambda t, cfg: None)  # ModelOpt's own tensors
+    export_stage.export_trtllm(raw, tmp_path / "raw", dtype="bfloat16")
+    cfg = json.loads((tmp_path / "once" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] in ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16")
+    monkeypatch.undo()
+    converted = real_load(str(tmp_path / "raw" / "rank0.safetensors"))
+    export_stage.layout_tensors(converted, {**json.loads((tmp_path / "raw" / "config.json").read_text()), "rank": 0})
+    once = real_load(str(tmp_path / "once" / "rank0.safetensors"))
+    assert set(once) == set(converted)
+    assert all(once[k].dtype == converted[k].dtype and torch.equal(once[k], converted[k]) for k in once)

@@ -96,7 +96,7 @@ def test_check_rejects_modelopt_names_under_the_plugin_label(tmp_path: Path, mon
     """What quantkit wrote before (ModelOpt's non-plugin tensors relabelled *_PLUGIN) now fails the check."""
     from quantkit import export
 
-    monkeypatch.setattr(export, "to_trtllm_layout", lambda folder: None)
+    monkeypatch.setattr(export, "layout_tensors", lambda t, cfg: None)
     model, _ = pipeline_export({"method": "int8_sq", "smoothquant_alpha": 0.5, "activations": "per_token"})
     export.export_trtllm(model, tmp_path / "old", dtype="float16")
     rules = {(v.tensor_or_field.rsplit(".", 1)[-1], v.rule) for v in check_trtllm(tmp_path / "old")}
