@@ -90,3 +90,38 @@ def test_gptq_lowers_the_layer_output_error_it_minimises() -> None:
                 errs[method][n] = ((x @ (w0 - wq).t()).norm() / (x @ w0.t()).norm()).item()
     better = [n for n in inputs if errs["int4_gptq"][n] < errs["int4_rtn"][n]]
     assert len(better) == len(inputs), {n: (errs["int4_rtn"][n], errs["int4_gptq"][n]) for n in inputs}
+
+
+def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
+    """quantkit's faster GPTQ column update gives exactly the weights of ModelOpt's own `gptq_blockwise_update`."""
+    import modelopt.torch.quantization.utils.calib_utils as calib_utils
+
+    from quantkit import quantize as qz
+
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    section = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64)
+    calls: list[str] = []
+    own, original = qz._gptq_update_by_group, calib_utils.gptq_blockwise_update
+
+    def spy_own(*a):
+        calls.append("quantkit")
+        return own(*a)
+
+    def spy_modelopt(*a):
+        calls.append("modelopt")
+        return original(*a)
+
+    weights = {}
+    for name, patch in (("modelopt", lambda: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qz, "_gptq_update_by_group", spy_own)
+            mp.setattr(calib_utils, "gptq_blockwise_update", spy_modelopt)
+            mp.setattr(qz, "group_local_gptq", patch)
+            model = quantize_model(tiny_llama(), section, CalibrationSet(ids, 4, "test"))
+        weights[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert calls.count("modelopt") == calls.count("quantkit") == 14  # 7 linears x 2 layers, each path once
+    source = tiny_llama().state_dict()
+    moved = [n for n in weights["quantkit"] if not torch.equal(weights["modelopt"][n], source[n])]
+    assert len(moved) == 14  # GPTQ rewrote every quantized linear weight ...
+    for n in weights["quantkit"]:
+        assert torch.equal(weights["quantkit"][n], weights["modelopt"][n]), n  # ... identically on both paths
