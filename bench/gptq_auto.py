@@ -1,8 +1,8 @@
 """GPTQ and auto_quantize on the GPU: issue 13's accuracy tables and GPTQ's calibration cost, in two device calls.
 
 Usage on one H200 (bench/gpu_stage.sh staged; each call under 8 minutes, estimates below):
-  python3 bench/gptq_auto.py int4          # call 1, ~5-6 min: baseline + int4_rtn / int4_awq / int4_gptq at block
-                                           # 32 and 64 + the shipped best INT4 recipe (recipes/int4_best.yaml)
+  python3 bench/gptq_auto.py int4          # call 1, ~5-6 min: baseline + int4_rtn / int4_awq (awq_clip) /
+                                           # int4_gptq / int4_hessian at block 32 and 64 (recipes/<method>.yaml)
   python3 bench/gptq_auto.py auto cost     # call 2, ~6-7 min: method auto at 4.5 / 5 / 6 / 8 bits (+ baseline,
                                            # reused from call 1 when the machine is still warm) and GPTQ calibration
                                            # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32)
@@ -27,8 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["wiki_ppl", "lambada"]
-INT4 = ("int4_rtn", "int4_awq", "int4_gptq")
-BEST = "int4_best"  # recipes/int4_best.yaml: the best INT4 method at block 64 on the bundled model (CPU-chosen)
+INT4 = ("int4_rtn", "int4_awq", "int4_gptq", "int4_hessian")  # each a shipped recipe, block set per row
 HEADER = ("| run | settings | wiki word ppl ↓ | vs baseline | lambada acc % | lambada ppl ↓ | bits | quantize s "
           "| wall s |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -93,13 +92,12 @@ def _cell(metrics: dict, task: str, metric: str, scale: float = 1.0, digits: int
 
 
 def int4(bench: Bench, blocks: list[int]) -> None:
-    bench.section("INT4 weight-only on SmolLM2-135M: RTN, AWQ (awq_clip), GPTQ, and the shipped best")
+    bench.section("INT4 weight-only on SmolLM2-135M: RTN, AWQ (awq_clip), GPTQ, local-Hessian scales")
     bench.baseline()
     for block in blocks:
         for method in INT4:
             name = f"{method}-g{block}"
             bench.row(name, bench.run(method, name, [f"quantize.block_size={block}"]))
-    bench.row(f"{BEST}-g64", bench.run(BEST, f"{BEST}-g64"))
 
 
 def auto(bench: Bench, bits: list[str]) -> None:

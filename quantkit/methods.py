@@ -60,6 +60,14 @@ METHODS: dict[str, Method] = {
             {"block_size": 128, "gptq_damping": 0.1, "gptq_block": 128, "gptq_layerwise": True}, "W4A16_AWQ",
         ),
         Method(
+            "int4_hessian",
+            "INT4 block-wise weights, each block's scale searched for the least Hessian-weighted output error "
+            "(ModelOpt local_hessian), 16-bit activations",
+            # Same weight format as int4_rtn: only the per-block amax changes (no weight updates, no pre-quant scales).
+            # Best INT4 at block 64 on SmolLM2-135M, measured (eval/RESULTS.md "INT4: the best method at block 64").
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", True, _COMMON | {"block_size"}, {"block_size": 128}, "W4A16_AWQ",
+        ),
+        Method(
             "w4a8_awq", "INT4 block-wise weights with AWQ, FP8 activations", "W4A8_AWQ_BETA_CFG", True,
             _COMMON | {"block_size", "awq_algorithm"}, {"block_size": 128, "awq_algorithm": "awq_lite"}, "W4A8_AWQ",
         ),
@@ -144,6 +152,10 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
             cfg["algorithm"] = None  # quantizers only: quantkit.smoothquant calibrates and smooths per layer
     if method.name == "int4_gptq":
         cfg["algorithm"] = gptq_algorithm(settings)
+    if method.name == "int4_hessian":
+        # block_size: the Hessian's blocks must be the quantization groups (ModelOpt's default 16 is NVFP4's);
+        # fp8_scale_sweep off: with it on, ModelOpt searches NVFP4 scales only and leaves INT4 at max calibration.
+        cfg["algorithm"] = {"method": "local_hessian", "block_size": settings["block_size"], "fp8_scale_sweep": False}
     if settings.get("awq_algorithm") is not None:
         algo = cfg["algorithm"]
         cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}
