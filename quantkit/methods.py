@@ -54,10 +54,11 @@ METHODS: dict[str, Method] = {
             "int4_gptq", "INT4 block-wise weights, GPTQ (Hessian-weighted error compensation), 16-bit activations",
             # Same weight format as int4_rtn (no pre-quant scales): ModelOpt's `gptq` only moves the weights.
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", True,
-            _COMMON | {"block_size", "gptq_damping", "gptq_block", "gptq_layerwise"},
+            _COMMON | {"block_size", "gptq_damping", "gptq_block", "gptq_layerwise", "gptq_scales"},
             # Sequential layer-wise Hessians (the GPTQ paper's procedure; ModelOpt's default is all at once) and damping
             # 0.1, not ModelOpt's 0.01: held-out layer error lower in 15 of 16 SmolLM2 layers (eval/RESULTS.md, GPTQ).
-            {"block_size": 128, "gptq_damping": 0.1, "gptq_block": 128, "gptq_layerwise": True}, "W4A16_AWQ",
+            {"block_size": 128, "gptq_damping": 0.1, "gptq_block": 128, "gptq_layerwise": True, "gptq_scales": "max"},
+            "W4A16_AWQ",
         ),
         Method(
             "int4_hessian",
@@ -89,7 +90,7 @@ METHODS: dict[str, Method] = {
 }
 
 _TUNABLE = ("block_size", "smoothquant_alpha", "awq_algorithm", "activations", "gptq_damping", "gptq_block",
-            "gptq_layerwise", "effective_bits", "candidates")
+            "gptq_layerwise", "gptq_scales", "effective_bits", "candidates")
 
 
 def get_method(name: str) -> Method:
@@ -152,10 +153,10 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
             cfg["algorithm"] = None  # quantizers only: quantkit.smoothquant calibrates and smooths per layer
     if method.name == "int4_gptq":
         cfg["algorithm"] = gptq_algorithm(settings)
+        if settings["gptq_scales"] == "local_hessian":  # in order; quantize.py keeps the searched scales for gptq
+            cfg["algorithm"] = [local_hessian_algorithm(settings["block_size"]), cfg["algorithm"]]
     if method.name == "int4_hessian":
-        # block_size: the Hessian's blocks must be the quantization groups (ModelOpt's default 16 is NVFP4's);
-        # fp8_scale_sweep off: with it on, ModelOpt searches NVFP4 scales only and leaves INT4 at max calibration.
-        cfg["algorithm"] = {"method": "local_hessian", "block_size": settings["block_size"], "fp8_scale_sweep": False}
+        cfg["algorithm"] = local_hessian_algorithm(settings["block_size"])
     if settings.get("awq_algorithm") is not None:
         algo = cfg["algorithm"]
         cfg["algorithm"] = {**(algo if isinstance(algo, dict) else {}), "method": settings["awq_algorithm"]}
@@ -166,6 +167,15 @@ def build_modelopt_config(section: QuantizeSection) -> dict[str, Any] | None:
     if section.kv_cache == "fp8":
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
     return cfg
+
+
+def local_hessian_algorithm(block_size: int) -> dict[str, Any]:
+    """ModelOpt 0.47 `LocalHessianCalibConfig` for INT4 blocks: per-block amax by Hessian-weighted output error.
+
+    block_size: the Hessian's blocks must be the quantization groups (ModelOpt's default 16 is NVFP4's);
+    fp8_scale_sweep off: with it on, ModelOpt searches NVFP4 scales only and leaves INT4 at max calibration.
+    """
+    return {"method": "local_hessian", "block_size": block_size, "fp8_scale_sweep": False}
 
 
 def gptq_algorithm(settings: dict[str, Any]) -> dict[str, Any]:

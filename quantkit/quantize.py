@@ -175,6 +175,46 @@ def group_local_gptq():
         calib_utils.gptq_blockwise_update = original
 
 
+@contextlib.contextmanager
+def kept_weight_scales(model: torch.nn.Module):
+    """Within: ModelOpt's `max_calibrate` keeps the weight amax `model`'s weight quantizers have now.
+
+    ModelOpt 0.47's `gptq` starts with `max_calibrate` (its "TODO: other scale setting strategies"), which resets
+    the block scales an earlier algorithm searched; GPTQ's update then runs on plain max scales.
+    """
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    saved = {id(q) for n, q in model.named_modules()
+             if n.endswith("weight_quantizer") and getattr(q, "is_enabled", False) and q.amax is not None}
+    original = model_calib.max_calibrate
+
+    def max_calibrate(m: torch.nn.Module, forward_loop=None, *args, **kwargs):
+        if any(isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in saved for q in m.modules()):
+            raise QuantkitError("gptq_scales: local_hessian supports weight-only INT4 only (a quantizer other than "
+                                "the searched weight quantizers is enabled)", where="quantize.gptq_scales",
+                                fix="use gptq_scales: max for this method")
+        # Only searched weight scales here: max calibration would only recompute what the search replaced.
+
+    model_calib.max_calibrate = max_calibrate
+    try:
+        yield
+    finally:
+        model_calib.max_calibrate = original
+
+
+def quantize_in_steps(model: torch.nn.Module, cfg: dict, forward_loop) -> torch.nn.Module:
+    """`mtq.quantize`, except that a list of algorithms ending in gptq runs GPTQ on the scales the earlier ones set."""
+    import modelopt.torch.quantization as mtq
+
+    algo = cfg.get("algorithm")
+    if not (isinstance(algo, list) and len(algo) > 1 and algo[-1].get("method") == "gptq"):
+        return mtq.quantize(model, cfg, forward_loop if algo is not None else None)
+    model = mtq.quantize(model, {**cfg, "algorithm": algo[:-1]}, forward_loop)
+    with kept_weight_scales(model):
+        return mtq.calibrate(model, algo[-1], forward_loop)
+
+
 def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet | None,
                    counter: ForwardCounter | None = None) -> torch.nn.Module:
     """Quantize `model` in place (ModelOpt fake quantization) and return it."""
@@ -189,7 +229,6 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
         raise QuantkitError(f"method '{method.name}' needs a CUDA GPU; this machine has none",
                             where="quantize.method", fix="run it on a GPU machine or pick another method")
     check_shapes(model, section)
-    import modelopt.torch.quantization as mtq
 
     counter = counter or ForwardCounter()
     forward_loop = None
@@ -209,7 +248,7 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
     try:
         with contextlib.redirect_stdout(chatter):
             with group_local_gptq():
-                model = mtq.quantize(model, cfg, forward_loop if cfg.get("algorithm") is not None else None)
+                model = quantize_in_steps(model, cfg, forward_loop)
             if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
                 from quantkit.smoothquant import smoothquant_auto
 

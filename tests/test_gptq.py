@@ -125,3 +125,36 @@ def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
     assert len(moved) == 14  # GPTQ rewrote every quantized linear weight ...
     for n in weights["quantkit"]:
         assert torch.equal(weights["quantkit"][n], weights["modelopt"][n]), n  # ... identically on both paths
+
+
+def test_gptq_on_local_hessian_scales_keeps_the_searched_scales() -> None:
+    """gptq_scales: local_hessian: GPTQ updates the weights on int4_hessian's block scales, not max calibration's.
+
+    ModelOpt 0.47 cannot run this list itself: its `gptq` starts with max_calibrate, which fails on the calibrators
+    local_hessian leaves behind (and would reset the scales otherwise): the negative control below.
+    """
+    import modelopt.torch.quantization as mtq
+
+    from quantkit import quantize as qz
+
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    calib = CalibrationSet(ids, 4, "test")
+
+    def amax_and_weights(section: QuantizeSection) -> tuple[dict, dict]:
+        model = quantize_model(tiny_llama(), section, calib)
+        mods = dict(model.named_modules())
+        names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        return ({n: mods[n].weight_quantizer.amax.detach().clone() for n in names},
+                {n: mods[n].weight.detach().clone() for n in names})
+
+    searched, w_source = amax_and_weights(QuantizeSection(method="int4_hessian", block_size=32))
+    rtn, _ = amax_and_weights(QuantizeSection(method="int4_rtn", block_size=32))
+    combo = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64, gptq_scales="local_hessian")
+    assert [a["method"] for a in build_modelopt_config(combo)["algorithm"]] == ["local_hessian", "gptq"]
+    kept, w_gptq = amax_and_weights(combo)
+    for n in searched:
+        assert torch.equal(kept[n], searched[n]), n  # the searched scales survive GPTQ ...
+        assert not torch.equal(searched[n], rtn[n]), n  # ... and they are not max calibration's
+        assert not torch.equal(w_gptq[n], w_source[n]), n  # and GPTQ did update the weights
+    with pytest.raises(TypeError, match="NoneType"), qz.group_local_gptq():
+        mtq.quantize(tiny_llama(), build_modelopt_config(combo), lambda m: [m(b) for b in calib.batches()])
