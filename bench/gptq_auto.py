@@ -5,7 +5,8 @@ Usage on one H200 (bench/gpu_stage.sh staged; each call under 8 minutes, estimat
                                            # int4_gptq / int4_hessian at block 32 and 64 (recipes/<method>.yaml)
   python3 bench/gptq_auto.py auto cost     # call 2, ~6-7 min: method auto at 4.5 / 5 / 6 / 8 bits (+ baseline,
                                            # reused from call 1 when the machine is still warm) and GPTQ calibration
-                                           # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32)
+                                           # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32;
+                                           # quantkit's group-local GPTQ update against ModelOpt's own)
 All SmolLM2 runs go through `quantkit run` (quantkit.pipeline.run_recipe) on the shipped recipes (bundled SmolLM2-135M,
 bf16, 64 x 512 wiki calibration tokens) with one shared RunCache (weights, tokenizer and calibration batches loaded
 once), accuracy only: full wiki word perplexity (21 held-out articles) and full LAMBADA (5,153 passages) with lm-eval's
@@ -72,7 +73,7 @@ class Bench:
         line = (f"| {label} | {settings} | {_cell(m, 'wiki_ppl', 'word_perplexity')} | {100 * (ppl / b - 1):+.1f}% "
                 f"| {_cell(m, 'lambada', 'acc', 100, 2)} | {_cell(m, 'lambada', 'perplexity')} | {bits} "
                 f"| {res.get('quantize_s') or '–'} | {res['wall_s']} |")
-        if not self.lines or self.lines[-1].startswith("#"):
+        if not self.lines or not self.lines[-1].startswith("|"):
             print(HEADER, flush=True)
             self.lines.append(HEADER)
         print(line, flush=True)
@@ -124,11 +125,19 @@ def cost(bench: Bench, layers: int, all_at_once: bool) -> None:
     bench.lines.append(header)
     SHAPES["llama3-8b"]["num_hidden_layers"] = layers
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    variants = [("int4_rtn g128 (no data)", {"method": "int4_rtn"}),
-                ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"})]
+    import contextlib
+
+    from quantkit import quantize as qz
+
+    own = qz.group_local_gptq
+    variants = [("int4_rtn g128 (no data)", {"method": "int4_rtn"}, own),
+                ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"}, own),
+                # the same GPTQ with ModelOpt 0.47's own column update (whole-matrix fake quant per column)
+                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"}, contextlib.nullcontext)]
     if all_at_once:
-        variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}))
-    for label, kw in variants:
+        variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}, own))
+    for label, kw, update in variants:
+        qz.group_local_gptq = update
         model = build("llama3-8b", device)
         ids = torch.randint(0, model.config.vocab_size, (128, 512), generator=torch.Generator().manual_seed(1))
         if device == "cuda":
@@ -145,6 +154,7 @@ def cost(bench: Bench, layers: int, all_at_once: bool) -> None:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+    qz.group_local_gptq = own
 
 
 def main() -> None:
