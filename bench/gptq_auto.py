@@ -1,12 +1,15 @@
 """GPTQ and auto_quantize on the GPU: issue 13's accuracy tables and GPTQ's calibration cost, in two device calls.
 
-Usage on one H200 (bench/gpu_stage.sh staged; each call under 8 minutes, estimates below):
-  python3 bench/gptq_auto.py int4          # call 1, ~5-6 min: baseline + int4_rtn / int4_awq (awq_clip) /
-                                           # int4_gptq / int4_hessian at block 32 and 64 (recipes/<method>.yaml)
+Usage on one H200 (bench/gpu_stage.sh staged; two calls, each meant to stay under 8 minutes; the times are
+estimates from the earlier GPU runs, not measured for this script):
+  python3 bench/gptq_auto.py int4          # call 1, ~5-7 min: baseline + int4_rtn / int4_awq (awq_clip) / int4_gptq
+                                           # at block 32 and 64, and at block 64 int4_hessian and int4_gptq with
+                                           # gptq_scales local_hessian (9 runs)
   python3 bench/gptq_auto.py auto cost     # call 2, ~6-7 min: method auto at 4.5 / 5 / 6 / 8 bits (+ baseline,
-                                           # reused from call 1 when the machine is still warm) and GPTQ calibration
+                                           # reused from call 1 while the machine is warm), then GPTQ calibration
                                            # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32;
-                                           # quantkit's group-local GPTQ update against ModelOpt's own)
+                                           # ModelOpt's own column update on 2 layers, against quantkit's)
+A call cut short keeps its printed rows; rerunning it with the same --out skips the runs that finished.
 All SmolLM2 runs go through `quantkit run` (quantkit.pipeline.run_recipe) on the shipped recipes (bundled SmolLM2-135M,
 bf16, 64 x 512 wiki calibration tokens) with one shared RunCache (weights, tokenizer and calibration batches loaded
 once), accuracy only: full wiki word perplexity (21 held-out articles) and full LAMBADA (5,153 passages) with lm-eval's
@@ -28,7 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["wiki_ppl", "lambada"]
-INT4 = ("int4_rtn", "int4_awq", "int4_gptq", "int4_hessian")  # each a shipped recipe, block set per row
+INT4 = ("int4_rtn", "int4_awq", "int4_gptq")  # shipped recipes, run at every block size
+# the two candidates for issue 13's target (best INT4 at block 64): run at block 64 only
+BEST = [("int4_hessian", "int4_hessian-g64", []),
+        ("int4_gptq", "int4_gptq-lhscales-g64", ["quantize.gptq_scales=local_hessian"])]
 HEADER = ("| run | settings | wiki word ppl ↓ | vs baseline | lambada acc % | lambada ppl ↓ | bits | quantize s "
           "| wall s |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -93,12 +99,15 @@ def _cell(metrics: dict, task: str, metric: str, scale: float = 1.0, digits: int
 
 
 def int4(bench: Bench, blocks: list[int]) -> None:
-    bench.section("INT4 weight-only on SmolLM2-135M: RTN, AWQ (awq_clip), GPTQ, local-Hessian scales")
+    bench.section("INT4 weight-only on SmolLM2-135M: RTN, AWQ (awq_clip), GPTQ; at block 64 local-Hessian scales")
     bench.baseline()
     for block in blocks:
         for method in INT4:
             name = f"{method}-g{block}"
             bench.row(name, bench.run(method, name, [f"quantize.block_size={block}"]))
+    if 64 in blocks:
+        for recipe, name, sets in BEST:
+            bench.row(name, bench.run(recipe, name, ["quantize.block_size=64", *sets]))
 
 
 def auto(bench: Bench, bits: list[str]) -> None:
@@ -109,8 +118,8 @@ def auto(bench: Bench, bits: list[str]) -> None:
         bench.row(name, bench.run("auto", name, [f"quantize.effective_bits={b}"]))
 
 
-def cost(bench: Bench, layers: int, all_at_once: bool) -> None:
-    """GPTQ wall time on Llama-3.1-8B shapes (random weights) with `layers` decoder layers, 128 x 512 tokens."""
+def cost(bench: Bench, layers: int, modelopt_layers: int, all_at_once: bool) -> None:
+    """GPTQ wall time on Llama-3.1-8B shapes (random weights), 128 x 512 tokens; ModelOpt's update on fewer layers."""
     sys.path.insert(0, str(Path(__file__).parent))
     from awq_cost import SHAPES, build
 
@@ -118,26 +127,31 @@ def cost(bench: Bench, layers: int, all_at_once: bool) -> None:
     from quantkit.quantize import ForwardCounter, quantize_model
     from quantkit.recipe import QuantizeSection
 
-    bench.section(f"GPTQ calibration cost, Llama-3.1-8B shapes, {layers} layers, 128 x 512 tokens")
+    bench.section("GPTQ calibration cost, Llama-3.1-8B shapes (random weights), 128 x 512 tokens")
     header = ("| variant | layers | quantize s | s per layer | est. 32 layers s | peak GPU GiB |\n"
               "|---|---|---|---|---|---|")
     print(header, flush=True)
     bench.lines.append(header)
-    SHAPES["llama3-8b"]["num_hidden_layers"] = layers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import contextlib
 
     from quantkit import quantize as qz
 
     own = qz.group_local_gptq
-    variants = [("int4_rtn g128 (no data)", {"method": "int4_rtn"}, own),
-                ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"}, own),
-                # the same GPTQ with ModelOpt 0.47's own column update (whole-matrix fake quant per column)
-                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"}, contextlib.nullcontext)]
+    variants = [("int4_rtn g128 (no data)", {"method": "int4_rtn"}, own, layers),
+                ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"}, own, layers),
+                # the same GPTQ with ModelOpt 0.47's own column update (whole-matrix fake quant per column): slow,
+                # hence fewer layers
+                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"}, contextlib.nullcontext,
+                 modelopt_layers)]
     if all_at_once:
-        variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}, own))
-    for label, kw, update in variants:
+        variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}, own,
+                         layers))
+    for label, kw, update, n in variants:
+        if not n:
+            continue
         qz.group_local_gptq = update
+        SHAPES["llama3-8b"]["num_hidden_layers"] = n
         model = build("llama3-8b", device)
         ids = torch.randint(0, model.config.vocab_size, (128, 512), generator=torch.Generator().manual_seed(1))
         if device == "cuda":
@@ -148,7 +162,7 @@ def cost(bench: Bench, layers: int, all_at_once: bool) -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        line = f"| {label} | {layers} | {dt:.1f} | {dt / layers:.2f} | {32 * dt / layers:.0f} | {peak:.1f} |"
+        line = f"| {label} | {n} | {dt:.1f} | {dt / n:.2f} | {32 * dt / n:.0f} | {peak:.1f} |"
         print(line, flush=True)
         bench.lines.append(line)
         del model
@@ -163,6 +177,7 @@ def main() -> None:
     ap.add_argument("--blocks", default="32,64")
     ap.add_argument("--bits", default="4.5,5,6,8")
     ap.add_argument("--layers", type=int, default=8, help="cost: decoder layers of the 8B-shaped model")
+    ap.add_argument("--modelopt-layers", type=int, default=2, help="cost: layers for ModelOpt's own update (0: skip)")
     ap.add_argument("--all-at-once", action="store_true", help="cost: also GPTQ without layer-wise Hessians")
     ap.add_argument("--batch-size", type=int, default=64, help="lm-eval batch size")
     ap.add_argument("--limit", type=int, default=None, help="examples per task (a CPU smoke test; tables use all)")
@@ -178,7 +193,7 @@ def main() -> None:
             elif part == "auto":
                 auto(bench, args.bits.split(","))
             else:
-                cost(bench, args.layers, args.all_at_once)
+                cost(bench, args.layers, args.modelopt_layers, args.all_at_once)
     finally:
         text = "\n".join(bench.lines) + f"\n\n{' '.join(args.parts)}: {time.perf_counter() - t0:.0f} s in all\n"
         print(text)
