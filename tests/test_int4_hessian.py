@@ -92,3 +92,23 @@ def test_exported_codes_and_scales_are_the_evaluated_weights(name: str) -> None:
     w = lin.weight.detach().float().cpu()
     rtn_scale = w.reshape(w.shape[0], scale.shape[1], -1).abs().amax(-1) / 7
     assert (scale - rtn_scale).abs().max() > 1e-3 * rtn_scale.max()
+
+
+@pytest.mark.parametrize("section", [{"method": "int4_hessian", "block_size": GROUP},
+                                     {"method": "int4_gptq", "block_size": GROUP, "gptq_block": 64,
+                                      "gptq_scales": "local_hessian"}], ids=["int4_hessian", "int4_gptq_hessian"])
+def test_resume_state_restores_the_searched_model(tmp_path, section: dict) -> None:
+    """The small resume state (quantizer state + rewritten weights) gives back the searched scales bit for bit."""
+    from quantkit import resume
+
+    model = tiny_llama()
+    source = resume.weight_checksums(model)
+    with resume.record_weight_folds(model) as folds:
+        quantize_model(model, QuantizeSection(**section), CalibrationSet(IDS, 4, "t"))
+    path = tmp_path / resume.STATE_FILE
+    path.write_bytes(resume.state_bytes(model, folds, source_checksums=source))
+    restored, _ = resume.restore(tiny_llama(), path)
+    want, got = model.state_dict(), restored.state_dict()
+    assert set(want) == set(got)
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert any(k.endswith("weight_quantizer._amax") for k in want)  # the searched scales are in what was compared
