@@ -3,8 +3,8 @@
 Usage on one H200 (bench/gpu_stage.sh staged; two calls, each meant to stay under 8 minutes; the times are
 estimates from the earlier GPU runs, not measured for this script):
   python3 bench/gptq_auto.py int4          # call 1, ~5-7 min: baseline + int4_rtn / int4_awq (awq_clip) / int4_gptq
-                                           # at block 32 and 64, and at block 64 int4_hessian and int4_gptq_hessian
-                                           # (GPTQ on local_hessian scales): 9 runs
+                                           # (on local_hessian scales) at block 32 and 64, and at
+                                           # block 64 int4_hessian and int4_gptq on max scales: 9 runs
   python3 bench/gptq_auto.py auto cost     # call 2, ~6-7 min: method auto at 4.5 / 5 / 6 / 8 bits (+ baseline,
                                            # reused from call 1 while the machine is warm), then GPTQ calibration
                                            # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32;
@@ -32,8 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["wiki_ppl", "lambada"]
 INT4 = ("int4_rtn", "int4_awq", "int4_gptq")  # shipped recipes, run at every block size
-# the two candidates for issue 13's target (best INT4 at block 64): run at block 64 only
-BEST = ("int4_hessian", "int4_gptq_hessian")
+# at block 64 only: local_hessian scales without GPTQ, and GPTQ on ModelOpt's max scales
+BEST = [("int4_hessian", "int4_hessian-g64", []),
+        ("int4_gptq", "int4_gptq-maxscales-g64", ["quantize.gptq_scales=max"])]  # ModelOpt's own scales
 HEADER = ("| run | settings | wiki word ppl ↓ | vs baseline | lambada acc % | lambada ppl ↓ | bits | quantize s "
           "| wall s |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -105,8 +106,8 @@ def int4(bench: Bench, blocks: list[int]) -> None:
             name = f"{method}-g{block}"
             bench.row(name, bench.run(method, name, [f"quantize.block_size={block}"]))
     if 64 in blocks:
-        for recipe in BEST:
-            bench.row(f"{recipe}-g64", bench.run(recipe, f"{recipe}-g64", ["quantize.block_size=64"]))
+        for recipe, name, sets in BEST:
+            bench.row(name, bench.run(recipe, name, ["quantize.block_size=64", *sets]))
 
 
 def auto(bench: Bench, bits: list[str]) -> None:

@@ -96,7 +96,7 @@ def test_validate_checks_block_size_against_the_model(tmp_path, capsys, tiny_mod
 
 
 @pytest.mark.parametrize("name", ["baseline", "int8_sq", "int4_awq", "int4_rtn", "int4_gptq", "int4_hessian",
-                                  "int4_gptq_hessian", "auto", "fp8", "fp8_kv",
+                                  "auto", "fp8", "fp8_kv",
                                   "demo", "demo_baseline"])
 def test_shipped_recipes_pass_validate(capsys, name):
     code, err = run_cli(capsys, "validate", str(REPO / "recipes" / f"{name}.yaml"))

@@ -23,7 +23,10 @@ def test_knobs_reach_modelopt_gptq_config() -> None:
 
     q = QuantizeSection(method="int4_gptq", block_size=32, gptq_damping=0.05, gptq_block=64, gptq_layerwise=False)
     cfg = build_modelopt_config(q)
-    algo = GPTQCalibConfig(**cfg["algorithm"])  # ModelOpt's own schema accepts it
+    scales, gptq = cfg["algorithm"]  # default gptq_scales local_hessian: the scale search, then GPTQ
+    assert scales["method"] == "local_hessian" and scales["block_size"] == 32
+    assert build_modelopt_config(q.model_copy(update={"gptq_scales": "max"}))["algorithm"] == gptq
+    algo = GPTQCalibConfig(**gptq)  # ModelOpt's own schema accepts it
     assert (algo.perc_damp, algo.block_size, algo.layerwise.enable) == (0.05, 64, False)
     weights = [e["cfg"] for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
     assert weights[0]["num_bits"] == 4 and weights[0]["block_sizes"][-1] == 32

@@ -96,7 +96,7 @@ def test_exported_codes_and_scales_are_the_evaluated_weights(name: str) -> None:
 
 @pytest.mark.parametrize("section", [{"method": "int4_hessian", "block_size": GROUP},
                                      {"method": "int4_gptq", "block_size": GROUP, "gptq_block": 64,
-                                      "gptq_scales": "local_hessian"}], ids=["int4_hessian", "int4_gptq_hessian"])
+                                      "gptq_scales": "local_hessian"}], ids=["int4_hessian", "int4_gptq"])
 def test_resume_state_restores_the_searched_model(tmp_path, section: dict) -> None:
     """The small resume state (quantizer state + rewritten weights) gives back the searched scales bit for bit."""
     from quantkit import resume
