@@ -1,7 +1,9 @@
 """Quick INT4 comparison on CPU: token perplexity of the bundled model on the first held-out wiki windows.
 
 Usage: python bench/int4_cpu.py [--samples 32] [--seq 256] [--articles 2] [--windows 16] VARIANT...
-Each VARIANT is a recipe quantize section as JSON, e.g. '{"method": "int4_gptq", "block_size": 64}'.
+Each VARIANT is a recipe quantize section as JSON, e.g. '{"method": "int4_gptq", "block_size": 64}',
+'{"method": "int4_hessian", "block_size": 64}',
+'{"method": "int4_gptq", "block_size": 64, "gptq_scales": "local_hessian"}'.
 float32 model, `builtin:wiki` calibration split (seed 1234), non-overlapping 512-token windows of the first
 held-out articles. A few minutes per variant on 2 cores: for finding directions, not for RESULTS tables (GPU).
 """

@@ -151,6 +151,101 @@ def make_forward_loop(calib: CalibrationSet, counter: ForwardCounter, desc: str 
     return forward_loop
 
 
+def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size: int, quantizer) -> None:
+    """ModelOpt 0.47's `gptq_blockwise_update`, the same arithmetic, fake-quantizing only the current column's group.
+
+    ModelOpt's unfused update fake-quantizes the whole [out, in] matrix for every column to read one column back
+    (O(in^2 * out) per layer). With static block scales (what `gptq` sets from max calibration) a column's codes
+    depend only on its own values and its group's amax, so quantizing that [out, group] slice with its amax slice
+    gives the same numbers (tests/test_gptq.py: bit-identical weights) in O(in * out * group).
+    """
+    out, cols = weight.shape
+    group = quantizer.block_sizes[-1]
+    amax = quantizer._amax
+    amax_g = amax.reshape(out, cols // group, *amax.shape[1:])
+    try:
+        for bs in range(0, cols, block_size):  # block_size is a multiple of group (gptq_algorithm checks)
+            be = min(bs + block_size, cols)
+            hb = h_inv[bs:be, bs:be]
+            wblk = weight[:, bs:be].clone()
+            errs = torch.zeros_like(wblk)
+            for i in range(be - bs):
+                g0 = (i // group) * group
+                quantizer._amax = amax_g[:, (bs + g0) // group].reshape(-1, *amax.shape[1:])
+                blocks = wblk[:, g0:g0 + group].reshape(-1, group)
+                q = quantizer._fake_quantize(blocks).reshape(out, group)[:, i - g0]
+                weight[:, bs + i] = q
+                err = (wblk[:, i] - q) / hb[i, i]
+                wblk[:, i:].addr_(err, hb[i, i:], alpha=-1)
+                errs[:, i] = err
+            weight[:, be:].addmm_(errs, h_inv[bs:be, be:], alpha=-1)
+    finally:
+        quantizer._amax = amax
+
+
+@contextlib.contextmanager
+def group_local_gptq():
+    """Within: ModelOpt's GPTQ uses `_gptq_update_by_group` for static INT4 block quantizers (others unchanged)."""
+    from modelopt.torch.quantization.utils import calib_utils
+
+    original = calib_utils.gptq_blockwise_update
+
+    def update(weight, h_inv, block_size, quantizer):
+        sizes = getattr(quantizer, "block_sizes", None) or {}
+        group = sizes.get(-1)
+        if (quantizer.num_bits == 4 and sizes.get("type") == "static" and group and weight.shape[1] % group == 0
+                and block_size % group == 0 and getattr(quantizer, "_amax", None) is not None
+                and quantizer._amax.numel() == weight.numel() // group):
+            return _gptq_update_by_group(weight, h_inv, block_size, quantizer)
+        return original(weight, h_inv, block_size, quantizer)
+
+    calib_utils.gptq_blockwise_update = update
+    try:
+        yield
+    finally:
+        calib_utils.gptq_blockwise_update = original
+
+
+@contextlib.contextmanager
+def kept_weight_scales(model: torch.nn.Module):
+    """Within: ModelOpt's `max_calibrate` keeps the weight amax `model`'s weight quantizers have now.
+
+    ModelOpt 0.47's `gptq` starts with `max_calibrate` (its "TODO: other scale setting strategies"), which resets
+    the block scales an earlier algorithm searched; GPTQ's update then runs on plain max scales.
+    """
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    saved = {id(q) for n, q in model.named_modules()
+             if n.endswith("weight_quantizer") and getattr(q, "is_enabled", False) and q.amax is not None}
+    original = model_calib.max_calibrate
+
+    def max_calibrate(m: torch.nn.Module, forward_loop=None, *args, **kwargs):
+        if any(isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in saved for q in m.modules()):
+            raise QuantkitError("gptq_scales: local_hessian supports weight-only INT4 only (a quantizer other than "
+                                "the searched weight quantizers is enabled)", where="quantize.gptq_scales",
+                                fix="use gptq_scales: max for this method")
+        # Only searched weight scales here: max calibration would only recompute what the search replaced.
+
+    model_calib.max_calibrate = max_calibrate
+    try:
+        yield
+    finally:
+        model_calib.max_calibrate = original
+
+
+def quantize_in_steps(model: torch.nn.Module, cfg: dict, forward_loop) -> torch.nn.Module:
+    """`mtq.quantize`, except that a list of algorithms ending in gptq runs GPTQ on the scales the earlier ones set."""
+    import modelopt.torch.quantization as mtq
+
+    algo = cfg.get("algorithm")
+    if not (isinstance(algo, list) and len(algo) > 1 and algo[-1].get("method") == "gptq"):
+        return mtq.quantize(model, cfg, forward_loop if algo is not None else None)
+    model = mtq.quantize(model, {**cfg, "algorithm": algo[:-1]}, forward_loop)
+    with kept_weight_scales(model):
+        return mtq.calibrate(model, algo[-1], forward_loop)
+
+
 def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet | None,
                    counter: ForwardCounter | None = None) -> torch.nn.Module:
     """Quantize `model` in place (ModelOpt fake quantization) and return it."""
@@ -165,7 +260,6 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
         raise QuantkitError(f"method '{method.name}' needs a CUDA GPU; this machine has none",
                             where="quantize.method", fix="run it on a GPU machine or pick another method")
     check_shapes(model, section)
-    import modelopt.torch.quantization as mtq
 
     counter = counter or ForwardCounter()
     forward_loop = None
@@ -184,7 +278,8 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter):
-            model = mtq.quantize(model, cfg, forward_loop if cfg.get("algorithm") is not None else None)
+            with group_local_gptq():
+                model = quantize_in_steps(model, cfg, forward_loop)
             if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
                 from quantkit.smoothquant import smoothquant_auto
 
@@ -309,7 +404,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     for module in model.modules():  # the search left each candidate's scales: the chosen format sets new ones
         if type(module).__name__.endswith("Quantizer") and hasattr(module, "_amax"):
             delattr(module, "_amax")
-    with contextlib.redirect_stdout(chatter):
+    with contextlib.redirect_stdout(chatter), group_local_gptq():
         model = mtq.quantize(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
     log.debug("modelopt output:\n%s", chatter.getvalue())
     counts: dict[str, int] = {}

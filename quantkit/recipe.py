@@ -61,6 +61,8 @@ class QuantizeSection(_Section):
                                    description="GPTQ columns updated per step (a multiple of block_size)")
     gptq_layerwise: bool | None = Field(
         default=None, description="GPTQ Hessians from the already-quantized earlier layers (sequential), or at once")
+    gptq_scales: Literal["max", "local_hessian"] | None = Field(
+        default=None, description="GPTQ block scales: max calibration (ModelOpt's) or searched by local_hessian first")
     effective_bits: float | None = Field(
         default=None, gt=0.0, le=16.0, description="method auto: average weight bits over the quantized layers")
     candidates: list[str] | None = Field(default=None, description="method auto: formats searched per layer")

@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int4_awq": {"method": "int4_awq", "block_size": 64, "awq_algorithm": "awq_lite"},  # with pre-quant scales
     "int4_rtn": {"method": "int4_rtn", "block_size": 64},
     "int4_gptq": {"method": "int4_gptq", "block_size": 64, "gptq_block": 64},
+    "int4_hessian": {"method": "int4_hessian", "block_size": 64},
     "fp8": {"method": "fp8"},
     "fp8_kv": {"method": "fp8", "kv_cache": "fp8"},
     "w4a8_awq": {"method": "w4a8_awq", "block_size": 64},

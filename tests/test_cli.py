@@ -95,7 +95,8 @@ def test_validate_checks_block_size_against_the_model(tmp_path, capsys, tiny_mod
     assert code == 2 and "quantize.block_size" in err and "set quantize.block_size to 128" in err
 
 
-@pytest.mark.parametrize("name", ["baseline", "int8_sq", "int4_awq", "int4_rtn", "int4_gptq", "auto", "fp8", "fp8_kv",
+@pytest.mark.parametrize("name", ["baseline", "int8_sq", "int4_awq", "int4_rtn", "int4_gptq", "int4_hessian",
+                                  "auto", "fp8", "fp8_kv",
                                   "demo", "demo_baseline"])
 def test_shipped_recipes_pass_validate(capsys, name):
     code, err = run_cli(capsys, "validate", str(REPO / "recipes" / f"{name}.yaml"))

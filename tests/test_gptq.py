@@ -23,7 +23,10 @@ def test_knobs_reach_modelopt_gptq_config() -> None:
 
     q = QuantizeSection(method="int4_gptq", block_size=32, gptq_damping=0.05, gptq_block=64, gptq_layerwise=False)
     cfg = build_modelopt_config(q)
-    algo = GPTQCalibConfig(**cfg["algorithm"])  # ModelOpt's own schema accepts it
+    scales, gptq = cfg["algorithm"]  # default gptq_scales local_hessian: the scale search, then GPTQ
+    assert scales["method"] == "local_hessian" and scales["block_size"] == 32
+    assert build_modelopt_config(q.model_copy(update={"gptq_scales": "max"}))["algorithm"] == gptq
+    algo = GPTQCalibConfig(**gptq)  # ModelOpt's own schema accepts it
     assert (algo.perc_damp, algo.block_size, algo.layerwise.enable) == (0.05, 64, False)
     weights = [e["cfg"] for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
     assert weights[0]["num_bits"] == 4 and weights[0]["block_sizes"][-1] == 32
@@ -90,3 +93,71 @@ def test_gptq_lowers_the_layer_output_error_it_minimises() -> None:
                 errs[method][n] = ((x @ (w0 - wq).t()).norm() / (x @ w0.t()).norm()).item()
     better = [n for n in inputs if errs["int4_gptq"][n] < errs["int4_rtn"][n]]
     assert len(better) == len(inputs), {n: (errs["int4_rtn"][n], errs["int4_gptq"][n]) for n in inputs}
+
+
+def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
+    """quantkit's faster GPTQ column update gives exactly the weights of ModelOpt's own `gptq_blockwise_update`."""
+    import modelopt.torch.quantization.utils.calib_utils as calib_utils
+
+    from quantkit import quantize as qz
+
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    section = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64)
+    calls: list[str] = []
+    own, original = qz._gptq_update_by_group, calib_utils.gptq_blockwise_update
+
+    def spy_own(*a):
+        calls.append("quantkit")
+        return own(*a)
+
+    def spy_modelopt(*a):
+        calls.append("modelopt")
+        return original(*a)
+
+    weights = {}
+    for name, patch in (("modelopt", lambda: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qz, "_gptq_update_by_group", spy_own)
+            mp.setattr(calib_utils, "gptq_blockwise_update", spy_modelopt)
+            mp.setattr(qz, "group_local_gptq", patch)
+            model = quantize_model(tiny_llama(), section, CalibrationSet(ids, 4, "test"))
+        weights[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert calls.count("modelopt") == calls.count("quantkit") == 14  # 7 linears x 2 layers, each path once
+    source = tiny_llama().state_dict()
+    moved = [n for n in weights["quantkit"] if not torch.equal(weights["modelopt"][n], source[n])]
+    assert len(moved) == 14  # GPTQ rewrote every quantized linear weight ...
+    for n in weights["quantkit"]:
+        assert torch.equal(weights["quantkit"][n], weights["modelopt"][n]), n  # ... identically on both paths
+
+
+def test_gptq_on_local_hessian_scales_keeps_the_searched_scales() -> None:
+    """gptq_scales: local_hessian: GPTQ updates the weights on int4_hessian's block scales, not max calibration's.
+
+    ModelOpt 0.47 cannot run this list itself: its `gptq` starts with max_calibrate, which fails on the calibrators
+    local_hessian leaves behind (and would reset the scales otherwise): the negative control below.
+    """
+    import modelopt.torch.quantization as mtq
+
+    from quantkit import quantize as qz
+
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    calib = CalibrationSet(ids, 4, "test")
+
+    def amax_and_weights(section: QuantizeSection) -> tuple[dict, dict]:
+        model = quantize_model(tiny_llama(), section, calib)
+        mods = dict(model.named_modules())
+        names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        return ({n: mods[n].weight_quantizer.amax.detach().clone() for n in names},
+                {n: mods[n].weight.detach().clone() for n in names})
+
+    searched, w_source = amax_and_weights(QuantizeSection(method="int4_hessian", block_size=32))
+    rtn, _ = amax_and_weights(QuantizeSection(method="int4_rtn", block_size=32))
+    combo = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64, gptq_scales="local_hessian")
+    assert [a["method"] for a in build_modelopt_config(combo)["algorithm"]] == ["local_hessian", "gptq"]
+    kept, w_gptq = amax_and_weights(combo)
+    for n in searched:
+        assert torch.equal(kept[n], searched[n]), n  # the searched scales survive GPTQ ...
+        assert not torch.equal(searched[n], rtn[n]), n  # ... and they are not max calibration's
+        assert not torch.equal(w_gptq[n], w_source[n]), n  # and GPTQ did update the weights
+    with pytest.raises(TypeError, match="NoneType"), qz.group_local_gptq():
+        mtq.quantize(tiny_llama(), build_modelopt_config(combo), lambda m: [m(b) for b in calib.batches()])
