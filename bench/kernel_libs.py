@@ -32,16 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import SHAPES, _layers, timed  # bench/kernels.py: quantkit's kernels, same shapes and timing
 
+from quantkit.kernels.libs import version
+
 GROUP = 128
 Case = Callable[[], None]
-
-
-def version(pkg: str) -> str:
-    try:
-        from importlib.metadata import version as v
-        return v(pkg)
-    except Exception:  # not installed
-        return "-"
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -230,7 +224,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    libs = {p: version(p) for p in ("torch", "triton", "fbgemm-gpu-genai", "gemlite", "liger-kernel", "torchao")}
+    libs = {p: version(p) or "-" for p in ("torch", "triton", "fbgemm-gpu-genai", "gemlite", "liger-kernel", "torchao")}
     print(f"card: {torch.cuda.get_device_name(dev)}; " + ", ".join(f"{k} {v}" for k, v in libs.items()))
     for mod in ("fbgemm_gpu.experimental.gen_ai", "gemlite", "liger_kernel", "torchao"):
         try:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from quantkit.archs import trtllm_decoder_type
 from quantkit.errors import QuantkitError
-from quantkit.models import DTYPES
+from quantkit.models import DTYPES, input_device
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def share_fused_scales(model: torch.nn.Module) -> torch.nn.Module:
     from modelopt.torch.export.unified_export_hf import collect_shared_input_modules
 
     def dummy_forward() -> None:
-        emb = model.get_input_embeddings()
-        device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or emb.weight.device
-        model(torch.ones([1, 2], dtype=torch.long, device=device))
+        model(torch.ones([1, 2], dtype=torch.long, device=input_device(model)))
 
     with _quiet(), torch.no_grad():
         groups, _ = collect_shared_input_modules(model, dummy_forward)

@@ -254,3 +254,13 @@ def load_model(source: str, dtype: str = "bfloat16", device: str = "cpu", *, dev
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the embedding's device, or its accelerate execution device when offloaded."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    target = getattr(hook, "execution_device", None)
+    if target is not None:
+        return torch.device(f"cuda:{target}" if isinstance(target, int) else target)
+    return emb.weight.device

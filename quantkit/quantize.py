@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
 import inspect
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from quantkit.calibration import CPU_AUTO_BATCH, CalibrationSet
 from quantkit.errors import OOM_FIX, QuantkitError, is_out_of_memory, out_of_memory
 from quantkit.methods import build_modelopt_config, get_method, resolved_settings
+from quantkit.models import input_device
 from quantkit.moe import ExpertTokenCounter
 from quantkit.recipe import QuantizeSection
 
@@ -69,16 +71,6 @@ class ForwardCounter:
         self.batches = 0
         self.batch_size: int | None = None  # the resolved calibration batch (batch_size: auto)
         self.pass_s: list[float] = []  # wall seconds of each pass over the data (AWQ and SmoothQuant make several)
-
-
-def input_device(model: torch.nn.Module) -> torch.device:
-    """Where the token ids go: the embedding's device, or its accelerate execution device when offloaded."""
-    emb = model.get_input_embeddings()
-    hook = getattr(emb, "_hf_hook", None)
-    target = getattr(hook, "execution_device", None)
-    if target is not None:
-        return torch.device(f"cuda:{target}" if isinstance(target, int) else target)
-    return emb.weight.device
 
 
 # ModelOpt's hf_ptq example (get_max_batch_size with --batch_size 0): AWQ and SmoothQuant keep intermediate
@@ -363,7 +355,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     target = settings["effective_bits"]
     bits = {m: 16 * QuantRecipe(cfg, name=m).compression for m, cfg in configs.items()}
     _check_budget(target, min(bits.values()), settings["candidates"])  # before the costly search
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = list(calib.batches())
 
     def forward_step(m: torch.nn.Module, batch: torch.Tensor):
@@ -407,9 +399,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     with contextlib.redirect_stdout(chatter), group_local_gptq():
         model = mtq.quantize(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
     log.debug("modelopt output:\n%s", chatter.getvalue())
-    counts: dict[str, int] = {}
-    for m in layers.values():
-        counts[m] = counts.get(m, 0) + 1
+    counts = dict(collections.Counter(layers.values()))
     model.quantkit_auto_quantize = {
         "effective_bits_target": target, "effective_bits": round(16 * cost / quantized, 4),
         "bits_counted_over": "quantized (non-excluded) linear weights", "floor_bits": round(floor, 4),
