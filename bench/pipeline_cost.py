@@ -158,6 +158,9 @@ def job_quantkit(args) -> dict:
     for k in ("quantize", "export"):  # the process's peak GPU at the end of each stage: which stage made the peak
         if stages.get(k, {}).get("peak_gpu_gib") is not None:
             st[k] = f"{st[k]} [peak so far {stages[k]['peak_gpu_gib']} GiB]"
+    x = stages.get("export", {})
+    if "trtllm_s" in x or "hf_s" in x:  # the two exporters, as the direct job's export_trtllm / export_hf
+        st["export"] = f"{st['export']} (trtllm {x.get('trtllm_s', '-')}, hf {x.get('hf_s', '-')})"
     if "quantize_s" in q:  # where the quantize stage went: ModelOpt's call (its passes over the data), resume state
         passes = "+".join(map(str, q.get("calibration_pass_s", [])))
         state = q.get("state_s", "-")

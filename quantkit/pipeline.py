@@ -313,16 +313,18 @@ def _export(model, tokenizer, recipe: Recipe, exports: Path, info: dict, keep_mo
     if e.trtllm is not None:
         target = exports / "trtllm"
         # TensorRT-LLM's exporter reads weights directly: an offloaded model is materialized for it.
+        t0 = time.perf_counter()
         with resource_errors("export", target), export_stage.materialized(model), \
                 export_stage.offload_aware_fusion(model):
             export_stage.export_trtllm(model, target, e.trtllm.dtype, e.trtllm.tp_size, e.trtllm.pp_size)
-        info["trtllm_bytes"] = dir_bytes(target)
+        info.update(trtllm_bytes=dir_bytes(target), trtllm_s=round(time.perf_counter() - t0, 2))
     if e.hf:
         target = exports / "hf"
+        t0 = time.perf_counter()
         with resource_errors("export", target), export_stage.offload_aware_fusion(model):
             export_stage.export_hf(model, target, m.dtype, keep_model=keep_model)
             tokenizer.save_pretrained(target)
-        info["hf_bytes"] = dir_bytes(target)
+        info.update(hf_bytes=dir_bytes(target), hf_s=round(time.perf_counter() - t0, 2))
     info["peak_gpu_gib"] = _gpu_peak_gib()
 
 
