@@ -1,0 +1,130 @@
+"""quantkit.bench's compile scopes (bench.compile): the whole-decoder-layer graph decodes exactly the eager loop's
+greedy tokens (unquantized and quantized runtime models, Llama and other families), all layers share one compiled
+graph (no per-layer recompiles), and what cannot be compiled that way is refused with a QuantkitError.
+
+CPU (Inductor's C++ backend), tiny float32 models. The CUDA-graph test runs with QUANTKIT_TEST_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _families import tiny_model
+from _runtime_helpers import device_under_test, roundtrip, tiny_llama
+from pydantic import ValidationError
+
+from quantkit.bench import Generator, bench_model, compile_counters, compiled_scope, decoder_layers
+from quantkit.errors import QuantkitError
+from quantkit.recipe import BenchSection
+from quantkit.runtime import fuse_projections, load_quantized, use_quantkit_attention
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # graph counts below are per test: earlier tests' compiled code for the same shapes would be reused
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model(kind: str) -> torch.nn.Module:
+    """initializer_range 0.2: a random tiny model whose greedy tokens vary (std 0.02 repeats one token)."""
+    if kind == "llama":
+        return tiny_llama(initializer_range=0.2, num_hidden_layers=3)
+    if kind in ("qwen3", "gemma2"):
+        return tiny_model(kind, initializer_range=0.2)
+    return load_quantized(roundtrip(kind).hf_dir, "cpu", torch.float32)[0]
+
+
+def _tokens(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, scope: str, new: int = 10,
+            cuda_graph: bool = False) -> tuple[torch.Tensor, Generator]:
+    with torch.inference_mode(), compiled_scope(model, scope):
+        gen = Generator(model, ids.shape[0], ids.shape[1] + new + 4, device, cuda_graph)
+        gen.prepare(ids)
+        return gen.generate(ids, new)[0], gen
+
+
+# model kind, scope, graphs the decode steps compile: one per distinct layer kind (gemma2: sliding and full
+# attention layers), not one per layer
+CASES = [("llama", "layers", 1), ("llama", "regions", None), ("qwen3", "layers", 1), ("gemma2", "layers", 2),
+         ("int4_awq", "layers", 1), ("int8_sq", "layers", 1)]
+
+
+@pytest.mark.parametrize(("kind", "scope", "graphs"), CASES)
+def test_compiled_decode_gives_the_eager_tokens(kind: str, scope: str, graphs: int | None) -> None:
+    model = _model(kind)
+    assert fuse_projections(model)  # as on CUDA: q/k/v and gate/up as one GEMM each (FusedPart inside the graph)
+    use_quantkit_attention(model)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    eager, _ = _tokens(model, ids, CPU, "none")
+    before = compile_counters()
+    compiled, gen = _tokens(model, ids, CPU, scope)
+    after = compile_counters()
+    assert torch.equal(compiled, eager)
+    if kind != "gemma2":  # gemma2's tiny random model repeats one token whatever the init
+        assert len(set(eager.flatten().tolist())) > 4  # the comparison is not between constant outputs
+    if graphs is not None:
+        assert after["graphs"] - before["graphs"] == graphs
+        assert after["kernels"] > before["kernels"] and gen.warmup_s > 0
+    # and a second generate through the same compiled graph (cache reset, same prompt) repeats itself
+    with torch.inference_mode(), compiled_scope(model, scope):
+        again = gen.generate(ids, 10)[0]
+    assert torch.equal(again, eager)
+    assert compile_counters()["graphs"] == after["graphs"]
+
+
+def test_bench_model_records_scope_graphs_and_compile_time() -> None:
+    model = _model("int4_awq")
+    bench = BenchSection(batch_sizes=[1, 2], input_len=8, output_len=6, warmup=0, repeats=1)
+    eager = bench_model(model, None, bench, "cpu", fuse=True)
+    res = bench_model(model, None, bench, "cpu", compile="layers", fuse=True)
+    assert eager["compile"] == "none" and eager["compiled_graphs"] == 0 and eager["compiled_regions"] == 0
+    assert res["compile"] == "layers" and res["compiled_regions"] == 2  # both decoder layers
+    # dynamic=False: one graph per batch size, shared by the layers
+    assert [r["compiled_graphs"] for r in res["results"]] == [1, 1] and res["compiled_graphs"] == 2
+    assert all(r["compile_s"] > 0 for r in res["results"])
+    assert [r["first_tokens"] for r in res["results"]] == [r["first_tokens"] for r in eager["results"]]
+    # True means the recipe's scope (default layers); on CPU the default stays eager
+    assert BenchSection().compile == "layers"
+    assert bench_model(model, None, bench.model_copy(update={"compile": "none", "batch_sizes": [1]}), "cpu",
+                       compile=True)["compile"] == "none"
+
+
+def test_a_sliding_window_that_fills_is_refused() -> None:
+    model = tiny_model("mistral", sliding_window=8)  # the benchmark's cache (9 + 10 + 4 tokens) overflows it
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(QuantkitError, match="sliding-window") as err:
+        _tokens(model, ids, CPU, "layers")
+    assert "bench.compile: regions" in err.value.fix
+
+
+def test_decoder_layers_and_scope_field() -> None:
+    model = tiny_llama()
+    assert decoder_layers(model) is model.model.layers
+    with pytest.raises(QuantkitError, match="no decoder layer list"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValidationError):
+        BenchSection(compile="model")
+    # the scope leaves the model as it found it
+    with compiled_scope(model, "layers"):
+        assert "forward" in model.model.layers[0].__dict__
+    assert "forward" not in model.model.layers[0].__dict__
+
+
+@pytest.mark.parametrize("variant", [None, "int4_awq"])
+def test_cuda_graph_of_compiled_layers_gives_the_eager_tokens(variant: str | None) -> None:
+    dev = device_under_test()
+    if dev.type != "cuda":
+        pytest.skip("CUDA graph of the compiled layers: run with QUANTKIT_TEST_DEVICE=cuda")
+    if variant is None:
+        model = tiny_llama(initializer_range=0.2).to(dev)
+    else:  # float32 compute: the comparison is about compile + capture, not bf16 rounding
+        model = load_quantized(roundtrip(variant).hf_dir, dev, torch.float32)[0]
+    fuse_projections(model)
+    use_quantkit_attention(model)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3)).to(dev)
+    eager, _ = _tokens(model, ids, dev, "none")
+    compiled, gen = _tokens(model, ids, dev, "layers", cuda_graph=True)
+    assert gen.graph is not None, gen.graph_error
+    assert torch.equal(compiled, eager)
