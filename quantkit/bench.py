@@ -176,7 +176,10 @@ def compiled_layers(model: nn.Module):
     """Each decoder layer's forward (attention with the static-cache update and SDPA included) through one
     torch.compile'd function (fullgraph, dynamic=False), so Inductor fuses everything between the GEMMs. The
     layers share the compiled code: the layer module is an argument (its weights are graph inputs) and the cache
-    comes in as the layer's own `_LayerCache`. Hooks on the layer still run (only `forward` is replaced)."""
+    comes in as the layer's own `_LayerCache`. Hooks on the layer still run (only `forward` is replaced).
+
+    The once-per-step modules beside the layers (the final norm, the rotary embedding: children of the layers'
+    parent other than embeddings) are compiled too, one graph each; the mask and lm_head stay eager."""
     _raise_recompile_limits()
     layers = decoder_layers(model)
     originals: list[tuple[nn.Module, Any]] = []
@@ -189,17 +192,27 @@ def compiled_layers(model: nn.Module):
 
         return forward
 
+    compiled: list[str] = []
+    for name, mod in model.named_modules():
+        if mod is layers:
+            compiled.extend(f"{name}.{i}" for i in range(len(layers)))
+        elif any(child is layers for child in mod.children()):
+            for child_name, child in mod.named_children():
+                if child is not layers and not isinstance(child, nn.Embedding):
+                    originals.append((child, child.__dict__.get("forward")))
+                    child.forward = torch.compile(child.forward, dynamic=False)
+                    compiled.append(f"{name}.{child_name}")
     for i, layer in enumerate(layers):
         originals.append((layer, layer.__dict__.get("forward")))
         layer.forward = wrap(i, layer)
     try:
-        yield [f"{type(layers[0]).__name__} {i}" for i in range(len(layers))]
+        yield compiled
     finally:
-        for layer, fwd in originals:
+        for mod, fwd in originals:
             if fwd is None:
-                del layer.forward
+                del mod.forward
             else:
-                layer.forward = fwd
+                mod.forward = fwd
 
 
 @contextlib.contextmanager

@@ -45,14 +45,14 @@ def _tokens(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, sco
         return gen.generate(ids, new)[0], gen
 
 
-# model kind, scope, graphs the decode steps compile: one per distinct layer kind (gemma2: sliding and full
-# attention layers), not one per layer
+# model kind, scope, distinct decoder layer kinds (gemma2: sliding and full attention layers). The decode steps
+# compile one graph per layer kind, not one per layer, plus one each for the final norm and the rotary embedding.
 CASES = [("llama", "layers", 1), ("llama", "regions", None), ("qwen3", "layers", 1), ("gemma2", "layers", 2),
          ("int4_awq", "layers", 1), ("int8_sq", "layers", 1)]
 
 
-@pytest.mark.parametrize(("kind", "scope", "graphs"), CASES)
-def test_compiled_decode_gives_the_eager_tokens(kind: str, scope: str, graphs: int | None) -> None:
+@pytest.mark.parametrize(("kind", "scope", "layer_kinds"), CASES)
+def test_compiled_decode_gives_the_eager_tokens(kind: str, scope: str, layer_kinds: int | None) -> None:
     model = _model(kind)
     assert fuse_projections(model)  # as on CUDA: q/k/v and gate/up as one GEMM each (FusedPart inside the graph)
     use_quantkit_attention(model)
@@ -64,8 +64,8 @@ def test_compiled_decode_gives_the_eager_tokens(kind: str, scope: str, graphs: i
     assert torch.equal(compiled, eager)
     if kind != "gemma2":  # gemma2's tiny random model repeats one token whatever the init
         assert len(set(eager.flatten().tolist())) > 4  # the comparison is not between constant outputs
-    if graphs is not None:
-        assert after["graphs"] - before["graphs"] == graphs
+    if layer_kinds is not None:
+        assert after["graphs"] - before["graphs"] == layer_kinds + 2
         assert after["kernels"] > before["kernels"] and gen.warmup_s > 0
     # and a second generate through the same compiled graph (cache reset, same prompt) repeats itself
     with torch.inference_mode(), compiled_scope(model, scope):
@@ -80,9 +80,9 @@ def test_bench_model_records_scope_graphs_and_compile_time() -> None:
     eager = bench_model(model, None, bench, "cpu", fuse=True)
     res = bench_model(model, None, bench, "cpu", compile="layers", fuse=True)
     assert eager["compile"] == "none" and eager["compiled_graphs"] == 0 and eager["compiled_regions"] == 0
-    assert res["compile"] == "layers" and res["compiled_regions"] == 2  # both decoder layers
-    # dynamic=False: one graph per batch size, shared by the layers
-    assert [r["compiled_graphs"] for r in res["results"]] == [1, 1] and res["compiled_graphs"] == 2
+    assert res["compile"] == "layers" and res["compiled_regions"] == 4  # both decoder layers, norm, rotary
+    # dynamic=False: per batch size one layer graph shared by the layers, one for the norm, one for the rotary
+    assert [r["compiled_graphs"] for r in res["results"]] == [3, 3] and res["compiled_graphs"] == 6
     assert all(r["compile_s"] > 0 for r in res["results"])
     assert [r["first_tokens"] for r in res["results"]] == [r["first_tokens"] for r in eager["results"]]
     # True means the recipe's scope (default layers); on CPU the default stays eager
@@ -106,10 +106,11 @@ def test_decoder_layers_and_scope_field() -> None:
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValidationError):
         BenchSection(compile="model")
-    # the scope leaves the model as it found it
-    with compiled_scope(model, "layers"):
-        assert "forward" in model.model.layers[0].__dict__
-    assert "forward" not in model.model.layers[0].__dict__
+    # what the scope compiles, and it leaves the model as it found it
+    with compiled_scope(model, "layers") as compiled:
+        assert sorted(compiled) == ["model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb"]
+        assert all("forward" in m.__dict__ for m in (*model.model.layers, model.model.norm))
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("variant", [None, "int4_awq"])
