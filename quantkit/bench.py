@@ -126,33 +126,37 @@ class _LayerCache:
     already is the layer's cache entry and ignores the index, so every layer runs the same graph (guards on types,
     shapes and flags only: the static cache's tensors are marked static without an address guard)."""
 
-    def __init__(self, layer: Any, as_full: bool) -> None:
-        self.layer, self.as_full = layer, as_full
+    def __init__(self, layer: Any) -> None:
+        if getattr(layer, "is_sliding", False):  # static_cache keeps only windows that fill within the run
+            from quantkit.errors import QuantkitError
+
+            raise QuantkitError(f"bench.compile: layers cannot compile a sliding-window cache layer that fills "
+                                f"(window {layer.max_cache_len} tokens, fewer than the run's prompt + output): its "
+                                "update branches on a Python position, one recompile per token", where="bench.compile",
+                                fix="set bench.compile: regions, or keep bench.input_len + output_len within the "
+                                "model's sliding window")
+        self.layer = layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.as_full:
-            from transformers.cache_utils import StaticLayer
-
-            return StaticLayer.update(self.layer, key_states, value_states)
         return self.layer.update(key_states, value_states, *args, **kwargs)
 
 
-def _layer_cache(model: nn.Module, layer: Any) -> _LayerCache:
-    """The view for one cache layer. A sliding-window layer whose window is wider than the whole static cache never
-    fills, so transformers' full-attention update (write at the tensor counter) is exactly its own; its own update
-    branches on a Python int position, which would recompile the layer graph every step."""
-    if not getattr(layer, "is_sliding", False):
-        return _LayerCache(layer, as_full=False)
-    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "sliding_window", None)
-    if window is not None and layer.max_cache_len < window:
-        return _LayerCache(layer, as_full=True)
-    from quantkit.errors import QuantkitError
+def static_cache(model: nn.Module, max_len: int) -> Any:
+    """transformers' StaticCache for `max_len` tokens, with every sliding-window layer whose window holds all
+    `max_len` tokens replaced by a full StaticLayer. Such a layer never fills, so the full layer stores, returns
+    and masks exactly the same (transformers' mask takes the window from the config, not from the layer); but the
+    sliding layer reports its length as a Python int (get_seq_length, the mask's query offset), which a captured
+    CUDA graph would replay unchanged and which compiled code would specialise on, step by step."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
-    raise QuantkitError(f"bench.compile: layers cannot compile a sliding-window cache layer that fills (window "
-                        f"{window}, static cache {layer.max_cache_len} tokens): its update branches on a Python "
-                        "position, one recompile per token", where="bench.compile",
-                        fix="set bench.compile: regions, or keep bench.input_len + output_len below the window")
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False) and window is not None and window > max_len:
+            cache.layers[i] = StaticLayer(max_cache_len=max_len)
+    return cache
 
 
 def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -187,7 +191,7 @@ def compiled_layers(model: nn.Module):
     def wrap(index: int, layer: nn.Module):
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
             if past_key_values is not None:
-                past_key_values = _layer_cache(model, past_key_values.layers[index])
+                past_key_values = _LayerCache(past_key_values.layers[index])
             return _compiled_layer_forward(layer, *args, past_key_values=past_key_values, **kwargs)
 
         return forward
@@ -239,10 +243,8 @@ class Generator:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, device: torch.device,
                  cuda_graph: bool) -> None:
-        from transformers import StaticCache
-
         self.model, self.device, self.b = model, device, batch_size
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache = static_cache(model, max_len)
         self.tok = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # the step's static input
         self.graph: torch.cuda.CUDAGraph | None = None
         self.want_graph = cuda_graph and device.type == "cuda"
