@@ -11,8 +11,13 @@ uses once (runtime.weight_bytes: quantized layers as stored, lm_head, norms; not
 K/V of the tokens attended (average context input_len + output_len / 2), at the device-to-device copy rate
 (bytes read + written) measured in the same run.
 
+Compile scopes (quantkit.bench, `bench.compile`): `--compile-scope layers,regions` benchmarks every method under
+each scope on the same model (built and quantized once); vs bf16 compares with bf16 under the same scope, and the
+table adds the step time, compile seconds (the warm-up steps) and the graphs torch.compile made.
+
     python bench/llama8b_speed.py [--methods bf16,fp8,int8_sq,int4_awq] [--layers 32] [--batch 1,8]
-        [--input-len 1024] [--output-len 128] [--json out.json] [--md RESULTS.md]
+        [--input-len 1024] [--output-len 128] [--compile-scope layers[,regions,none]] [--json out.json]
+        [--md RESULTS.md]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantkit.bench import bench_model
-from quantkit.recipe import BenchSection
+from quantkit.recipe import BenchSection, CompileScope
 
 T0 = time.perf_counter()
 
@@ -146,7 +151,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="same as --compile-scope none")
+    ap.add_argument("--compile-scope", default=BenchSection().compile,
+                    help="comma-separated bench.compile scopes to compare: layers, regions, none")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes (smoke test of the script, CPU is fine)")
     ap.add_argument("--workdir", default="/dev/shm/quantkit-8b" if Path("/dev/shm").is_dir() else "/tmp/quantkit-8b")
@@ -171,6 +178,7 @@ def main() -> None:
     bw = copy_bandwidth(dev)
     say(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     batches = [int(b) for b in args.batch.split(",")]
+    scopes = parse_scopes("none" if args.no_compile else args.compile_scope)
     section = BenchSection(batch_sizes=batches, input_len=args.input_len, output_len=args.output_len, warmup=1,
                            repeats=args.repeats)
     workdir = Path(args.workdir)
@@ -179,32 +187,62 @@ def main() -> None:
     rows: list[dict] = []
     runs: dict[str, dict] = {}
     for method in args.methods.split(","):
+        model = None
         try:
             if method == "bf16":
                 model, info = random_model(args.layers, dev), {}
             else:
                 model, info = quantized(method, args.layers, dev, workdir, args.calib_batches, args.calib_len)
-            res = bench_model(model, None, section, dev, compile=not args.no_compile)
+            for scope in scopes:
+                try:
+                    res = bench_model(model, None, section, dev, compile=scope)
+                except Exception:
+                    say(f"{method} [{scope}] FAILED:\n{traceback.format_exc()}")
+                    continue
+                res.update(info)
+                key = run_key(method, scope, scopes)
+                runs[key] = res
+                rows.extend(speed_rows(method, scope, key, res, cfg, args, bw))
+                say(f"{key}: " + ", ".join(f"b{r['batch_size']} {r['decode_tok_s']:.1f} tok/s "
+                                           f"(graph={r['cuda_graph']}, compile {r['compile_s']:.0f} s, "
+                                           f"{r['compiled_graphs']} graphs)" for r in res["results"])
+                    + f"; kernels {res['kernels']}")
+                report(rows, runs, args, card, bw)  # after every run: a session cut short keeps what it measured
         except Exception:
             say(f"{method} FAILED:\n{traceback.format_exc()}")
-            continue
         finally:
             model = None
             empty_cache(dev)
-        res.update(info)
-        runs[method] = res
-        for r in res["results"]:
-            wbytes = res["weight_bytes_per_step"]
-            step_bytes = wbytes + kv_bytes_per_step(cfg, r["batch_size"], args.input_len, args.output_len)
-            limit = r["batch_size"] * bw / step_bytes
-            rows.append({"method": method, "batch": r["batch_size"], "decode_tok_s": r["decode_tok_s"],
-                         "limit_tok_s": limit, "share": r["decode_tok_s"] / limit, "prefill_tok_s": r["prefill_tok_s"],
-                         "ttft_ms": 1e3 * r["ttft_s"], "peak_gpu_gib": (r["peak_gpu_mb"] or 0) / 1024,
-                         "weight_gib": wbytes / 2**30, "cuda_graph": r["cuda_graph"], "graph_error": r["graph_error"],
-                         "prepare_s": r["prepare_s"]})
-        say(f"{method}: " + ", ".join(f"b{r['batch_size']} {r['decode_tok_s']:.1f} tok/s (graph={r['cuda_graph']})"
-                                      for r in res["results"]) + f"; kernels {res['kernels']}")
-        report(rows, runs, args, card, bw)  # after every method: a run cut short keeps what it measured
+
+
+def parse_scopes(text: str) -> list[CompileScope]:
+    from typing import get_args
+
+    scopes = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in scopes if t not in get_args(CompileScope)]
+    if bad or not scopes:
+        raise SystemExit(f"--compile-scope: {bad or text!r} not among {get_args(CompileScope)}")
+    return scopes  # type: ignore[return-value]
+
+
+def run_key(method: str, scope: str, scopes: list[str]) -> str:
+    return method if len(scopes) == 1 else f"{method} [{scope}]"
+
+
+def speed_rows(method: str, scope: str, key: str, res: dict, cfg, args: argparse.Namespace,
+               bw: float) -> list[dict]:
+    rows = []
+    for r in res["results"]:
+        wbytes = res["weight_bytes_per_step"]
+        step_bytes = wbytes + kv_bytes_per_step(cfg, r["batch_size"], args.input_len, args.output_len)
+        limit = r["batch_size"] * bw / step_bytes
+        rows.append({"method": method, "scope": scope, "batch": r["batch_size"], "decode_tok_s": r["decode_tok_s"],
+                     "step_ms": r["decode_step_ms"], "limit_tok_s": limit, "share": r["decode_tok_s"] / limit,
+                     "prefill_tok_s": r["prefill_tok_s"], "ttft_ms": 1e3 * r["ttft_s"],
+                     "peak_gpu_gib": (r["peak_gpu_mb"] or 0) / 1024, "weight_gib": wbytes / 2**30,
+                     "cuda_graph": r["cuda_graph"], "graph_error": r["graph_error"], "prepare_s": r["prepare_s"],
+                     "compile_s": r["compile_s"], "compiled_graphs": r["compiled_graphs"], "key": key})
+    return rows
 
 
 def emulated(run: dict) -> bool:
@@ -218,7 +256,12 @@ def kernel_table(runs: dict[str, dict]) -> str:
     from quantkit.runtime import kernel_origin
 
     lines = ["| method | layers | regime: kernel (library) |", "|---|---:|---|"]
-    for method, run in runs.items():
+    seen: set[str] = set()
+    for name, run in runs.items():
+        method = name.split(" [")[0]  # the same kernels under every compile scope: listed once
+        if method in seen:
+            continue
+        seen.add(method)
         for key, n in sorted(run.get("kernels", {}).items()):
             fmt, rest = key.split("/", 1)
             regime, kernel = rest.split(":", 1)
@@ -232,19 +275,21 @@ def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, ca
 
     from quantkit.kernels.libs import version
 
-    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["method"] == "bf16"}
-    for r in rows:
-        r["vs_bf16"] = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else None
-        r["emulated"] = emulated(runs[r["method"]])
-    header = ("| method | batch | decode tok/s | vs bf16 | share of bandwidth limit | limit tok/s | prefill tok/s | "
-              "TTFT ms | weights GiB | peak GPU GiB |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["scope"], r["batch"]): r["decode_tok_s"] for r in rows if r["method"] == "bf16"}
+    for r in rows:  # vs bf16 under the same compile scope
+        b = base.get((r["scope"], r["batch"]))
+        r["vs_bf16"] = r["decode_tok_s"] / b if b else None
+        r["emulated"] = emulated(runs[r["key"]])
+    header = ("| method | compile | batch | step ms | decode tok/s | vs bf16 | share of bandwidth limit | "
+              "limit tok/s | prefill tok/s | TTFT ms | weights GiB | peak GPU GiB | compile s | graphs |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs = f"{r['vs_bf16']:.2f}x" if r["vs_bf16"] else "–"
         name = f"{r['method']} (emulated: dequantize path, no real kernel)" if r["emulated"] else r["method"]
-        lines.append(f"| {name} | {r['batch']} | {r['decode_tok_s']:.1f} | {vs} | {100 * r['share']:.0f}% | "
-                     f"{r['limit_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | {r['ttft_ms']:.0f} | "
-                     f"{r['weight_gib']:.2f} | {r['peak_gpu_gib']:.1f} |")
+        lines.append(f"| {name} | {r['scope']} | {r['batch']} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {vs} | "
+                     f"{100 * r['share']:.0f}% | {r['limit_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['ttft_ms']:.0f} | {r['weight_gib']:.2f} | {r['peak_gpu_gib']:.1f} | {r['compile_s']:.1f} | "
+                     f"{r['compiled_graphs']} |")
     table = "\n".join(lines) + "\n\n" + kernel_table(runs)
     print(f"\nLlama-3.1-8B shapes ({args.layers} layers), random weights, {card}; input {args.input_len}, output "
           f"{args.output_len}; copy bandwidth {bw / 1e9:.0f} GB/s\n{table}")

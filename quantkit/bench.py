@@ -2,11 +2,14 @@
 
 `bench_model` runs its own decode loop over transformers' StaticCache (not `generate`): prefill once, then one
 token per step with static shapes. On CUDA the per-token step is captured once as a CUDA graph and replayed (the
-step feeds its own output back, so a replay is one whole decode step with no host work); the repeated regions
-(norms, MLPs, quantized projections, rotary embedding) are compiled with torch.compile first so the small ops
-around each GEMM fuse into few kernels. DESIGN.md: `torch.compile(mode="reduce-overhead")` inside HF `generate`
-failed ("tensor output of CUDAGraphs that has been overwritten"); owning the loop and the graph avoids that.
-On CPU the loop runs eagerly (numbers there are for comparing runs, not deployment speed).
+step feeds its own output back, so a replay is one whole decode step with no host work). Before capture,
+torch.compile fuses the small ops between the GEMMs (`bench.compile`): `layers` compiles each decoder layer whole
+(residual adds, norms, activation quantization, RoPE, the K/V cache write and attention between the GEMMs, which
+stay extern calls: aten / torch.library ops), as one graph that every layer shares; `regions` compiles norms, MLPs,
+quantized projections and RoPE separately (cache update and attention eager); `none` runs eagerly.
+DESIGN.md: `torch.compile(mode="reduce-overhead")` inside HF `generate` failed ("tensor output of CUDAGraphs that
+has been overwritten"); owning the loop and the graph avoids that. On CPU the loop runs eagerly unless asked
+(numbers there are for comparing runs, not deployment speed).
 
 Measured per batch size: prefill tokens/s, decode tokens/s, time to first token (prefill + first token), peak GPU
 memory (torch.cuda.max_memory_allocated) and peak CPU memory (ru_maxrss); plus the checkpoint size on disk.
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.recipe import BenchSection
+from quantkit.recipe import BenchSection, CompileScope
 from quantkit.runfolder import read_recipe
 
 log = logging.getLogger(__name__)
@@ -73,12 +76,9 @@ def compiled_regions(model: nn.Module, enabled: bool):
         return
     import sys as _sys
 
-    import torch._dynamo
-
     from quantkit.runtime import QuantLinear
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    _raise_recompile_limits()
     compiled: list[str] = []
     in_mlp: set[int] = set()
     originals: list[tuple[nn.Module, Any]] = []
@@ -104,19 +104,152 @@ def compiled_regions(model: nn.Module, enabled: bool):
             rope_mod.apply_rotary_pos_emb = rope
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers in cache order: the ModuleList holding its `_no_split_modules` class (the name
+    transformers gives every family's repeated block; model.model.layers for the families quantkit runs)."""
+    from quantkit.errors import QuantkitError
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and type(mod[0]).__name__ in names:
+            return mod
+    raise QuantkitError(f"no decoder layer list found in {type(model).__name__} (no nn.ModuleList of its "
+                        f"_no_split_modules {sorted(names)})", where="bench.compile",
+                        fix="set bench.compile: regions (or none) in the recipe for this model")
+
+
+class _LayerCache:
+    """One layer's view of the model's cache, handed to that layer's compiled forward instead of the whole cache.
+
+    The attention calls `past_key_values.update(k, v, self.layer_idx)`; through the whole cache dynamo would index
+    `cache.layers` with the layer's constant index and specialise the graph per layer (one compile each). This view
+    already is the layer's cache entry and ignores the index, so every layer runs the same graph (guards on types,
+    shapes and flags only: the static cache's tensors are marked static without an address guard)."""
+
+    def __init__(self, layer: Any) -> None:
+        if getattr(layer, "is_sliding", False):  # static_cache keeps only windows that fill within the run
+            from quantkit.errors import QuantkitError
+
+            raise QuantkitError(f"bench.compile: layers cannot compile a sliding-window cache layer that fills "
+                                f"(window {layer.max_cache_len} tokens, fewer than the run's prompt + output): its "
+                                "update branches on a Python position, one recompile per token", where="bench.compile",
+                                fix="set bench.compile: regions, or keep bench.input_len + output_len within the "
+                                "model's sliding window")
+        self.layer = layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+def static_cache(model: nn.Module, max_len: int) -> Any:
+    """transformers' StaticCache for `max_len` tokens, with every sliding-window layer whose window holds all
+    `max_len` tokens replaced by a full StaticLayer. Such a layer never fills, so the full layer stores, returns
+    and masks exactly the same (transformers' mask takes the window from the config, not from the layer); but the
+    sliding layer reports its length as a Python int (get_seq_length, the mask's query offset), which a captured
+    CUDA graph would replay unchanged and which compiled code would specialise on, step by step."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False) and window is not None and window > max_len:
+            cache.layers[i] = StaticLayer(max_cache_len=max_len)
+    return cache
+
+
+def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+_compiled_layer_forward = torch.compile(_layer_forward, fullgraph=True, dynamic=False)
+
+
+def _raise_recompile_limits() -> None:
+    # one entry per (layer graph variant, batch size, model): a bench of 4 methods x 2 batch sizes exceeds the
+    # default of 8 and would silently fall back to eager
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module):
+    """Each decoder layer's forward (attention with the static-cache update and SDPA included) through one
+    torch.compile'd function (fullgraph, dynamic=False), so Inductor fuses everything between the GEMMs. The
+    layers share the compiled code: the layer module is an argument (its weights are graph inputs) and the cache
+    comes in as the layer's own `_LayerCache`. Hooks on the layer still run (only `forward` is replaced).
+
+    The once-per-step modules beside the layers (the final norm, the rotary embedding: children of the layers'
+    parent other than embeddings) are compiled too, one graph each; the mask and lm_head stay eager."""
+    _raise_recompile_limits()
+    layers = decoder_layers(model)
+    originals: list[tuple[nn.Module, Any]] = []
+
+    def wrap(index: int, layer: nn.Module):
+        def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+            if past_key_values is not None:
+                past_key_values = _LayerCache(past_key_values.layers[index])
+            return _compiled_layer_forward(layer, *args, past_key_values=past_key_values, **kwargs)
+
+        return forward
+
+    compiled: list[str] = []
+    for name, mod in model.named_modules():
+        if mod is layers:
+            compiled.extend(f"{name}.{i}" for i in range(len(layers)))
+        elif any(child is layers for child in mod.children()):
+            for child_name, child in mod.named_children():
+                if child is not layers and not isinstance(child, nn.Embedding):
+                    originals.append((child, child.__dict__.get("forward")))
+                    child.forward = torch.compile(child.forward, dynamic=False)
+                    compiled.append(f"{name}.{child_name}")
+    for i, layer in enumerate(layers):
+        originals.append((layer, layer.__dict__.get("forward")))
+        layer.forward = wrap(i, layer)
+    try:
+        yield compiled
+    finally:
+        for mod, fwd in originals:
+            if fwd is None:
+                del mod.forward
+            else:
+                mod.forward = fwd
+
+
+@contextlib.contextmanager
+def compiled_scope(model: nn.Module, scope: CompileScope):
+    """The compile scope `bench.compile` names (see the module docstring); yields what it compiled."""
+    if scope == "layers":
+        with compiled_layers(model) as compiled:
+            yield compiled
+    else:
+        with compiled_regions(model, scope == "regions") as compiled:
+            yield compiled
+
+
+def compile_counters() -> dict[str, int]:
+    """Graphs dynamo compiled and kernels Inductor generated so far in this process (take differences)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import metrics
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "kernels": int(metrics.generated_kernel_count)}
+
+
 class Generator:
     """Greedy generation for a fixed batch size and length with a static KV cache and (optionally) a CUDA graph."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, device: torch.device,
                  cuda_graph: bool) -> None:
-        from transformers import StaticCache
-
         self.model, self.device, self.b = model, device, batch_size
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache = static_cache(model, max_len)
         self.tok = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # the step's static input
         self.graph: torch.cuda.CUDAGraph | None = None
         self.want_graph = cuda_graph and device.type == "cuda"
         self.graph_error: str | None = None
+        self.warmup_s = 0.0  # the first decode steps: torch.compile's compile time when a scope is compiled
 
     def _step(self) -> None:
         # One decode step in place: positions come from the cache's own on-device counter (no host sync).
@@ -133,9 +266,11 @@ class Generator:
     def prepare(self, ids: torch.Tensor) -> None:
         """Warm up (compiles, autotunes) and capture the graph; leaves the cache to be reset by `prefill`."""
         self.prefill(ids)
+        t0 = time.perf_counter()
         for _ in range(3):
             self._step()
         _sync(self.device)
+        self.warmup_s = time.perf_counter() - t0
         if not self.want_graph:
             return
         try:
@@ -183,51 +318,58 @@ class Generator:
 
 
 def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: str | torch.device, *,
-                compile: bool | None = None, cuda_graph: bool | None = None, fuse: bool | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                compile: bool | CompileScope | None = None, cuda_graph: bool | None = None,
+                fuse: bool | None = None, seed: int = 0) -> dict[str, Any]:
     """Greedy-generation speed of `model` for each batch size in `bench` (prompts: random token ids).
 
-    compile / cuda_graph / fuse default to on for CUDA and off for CPU. fuse: q/k/v and gate/up become one GEMM
-    each, in place (runtime.fuse_projections; same arithmetic, applied to the unquantized baseline too). The
-    tokenizer is only used for its name: the prompts are random ids of exactly `bench.input_len` tokens so every
-    method sees identical work.
+    compile: a scope (layers / regions / none), True for `bench.compile`, False for none; default `bench.compile`
+    on CUDA and none on CPU. cuda_graph / fuse default to on for CUDA and off for CPU. fuse: q/k/v and gate/up
+    become one GEMM each, in place (runtime.fuse_projections; same arithmetic, applied to the unquantized baseline
+    too). The tokenizer is only used for its name: the prompts are random ids of exactly `bench.input_len` tokens
+    so every method sees identical work.
     """
     from quantkit.runtime import fuse_projections, kernel_summary, use_quantkit_attention, weight_bytes
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    compile = on_cuda if compile is None else compile
+    if compile is None or compile is True:
+        scope: CompileScope = bench.compile if (on_cuda or compile) else "none"
+    else:
+        scope = compile or "none"
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     fused = fuse_projections(model) if (on_cuda if fuse is None else fuse) else []
     vocab = model.config.vocab_size
     result: dict[str, Any] = {
         "device": device.type, "card": card_name(device), "torch": torch.__version__,
-        "settings": bench.model_dump(), "compile": compile, "cuda_graph": cuda_graph, "fused_layers": len(fused),
+        "settings": bench.model_dump(), "compile": scope, "cuda_graph": cuda_graph, "fused_layers": len(fused),
         "weight_bytes_per_step": weight_bytes(model), "kernels": kernel_summary(model),
         "tokenizer": getattr(tokenizer, "name_or_path", None), "results": [],
     }
     gen_ = torch.Generator().manual_seed(seed)
     attn_before = use_quantkit_attention(model)  # GQA without repeat_kv copies (see runtime.gqa_sdpa_attention)
     try:
-        _bench_batches(model, bench, device, compile, cuda_graph, gen_, vocab, result)
+        _bench_batches(model, bench, device, scope, cuda_graph, gen_, vocab, result)
     finally:
         model.set_attn_implementation(attn_before)
     return result
 
 
-def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, compile: bool, cuda_graph: bool,
-                   gen_: torch.Generator, vocab: int, result: dict[str, Any]) -> None:
+def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, scope: CompileScope,
+                   cuda_graph: bool, gen_: torch.Generator, vocab: int, result: dict[str, Any]) -> None:
     on_cuda = device.type == "cuda"
-    with torch.inference_mode(), compiled_regions(model, compile) as compiled:
+    start = compile_counters()
+    with torch.inference_mode(), compiled_scope(model, scope) as compiled:
         result["compiled_regions"] = len(compiled)
         for b in bench.batch_sizes:
             ids = torch.randint(0, vocab, (b, bench.input_len), generator=gen_).to(device)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t_prep = time.perf_counter()
+            before = compile_counters()
             gen = Generator(model, b, bench.input_len + bench.output_len, device, cuda_graph)
             gen.prepare(ids)
             prep_s = time.perf_counter() - t_prep
+            after = compile_counters()
             runs = []
             tokens = None
             for i in range(bench.warmup + bench.repeats):
@@ -245,6 +387,8 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
                 "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
                 "peak_cpu_mb": peak_cpu_mb(), "cuda_graph": gen.graph is not None,
                 "graph_error": gen.graph_error, "prepare_s": prep_s, "repeats": len(runs),
+                "compile_s": gen.warmup_s, "compiled_graphs": after["graphs"] - before["graphs"],
+                "generated_kernels": after["kernels"] - before["kernels"],
                 "first_tokens": tokens[0, :8].tolist() if tokens is not None else [],
             }
             result["results"].append(row)
@@ -253,6 +397,10 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
             del gen
             if on_cuda:
                 torch.cuda.empty_cache()
+    end = compile_counters()
+    # graphs compiled for this model (0 when an earlier model with the same shapes left reusable ones)
+    result["compiled_graphs"] = end["graphs"] - start["graphs"]
+    result["generated_kernels"] = end["kernels"] - start["kernels"]
 
 
 def built_engine_dir(run_dir: Path) -> Path | None:

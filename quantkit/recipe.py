@@ -178,12 +178,19 @@ class EvaluateSection(_Section):
         return out
 
 
+CompileScope = Literal["layers", "regions", "none"]
+
+
 class BenchSection(_Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     input_len: int = Field(default=128, gt=0)
     output_len: int = Field(default=32, gt=0)
     warmup: int = Field(default=1, ge=0)
     repeats: int = Field(default=3, gt=0)
+    compile: CompileScope = Field(
+        default="layers", description="what torch.compile covers in the CUDA decode step (quantkit.bench): layers = "
+        "each decoder layer whole (attention, cache write, norms, residuals), one compiled graph shared by all "
+        "layers; regions = norms, MLPs, projections and RoPE separately; none = eager. CPU runs stay eager")
 
 
 class Recipe(_Section):
