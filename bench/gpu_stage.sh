@@ -34,3 +34,9 @@ for stream in smol gemma; do
 done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export QUANTKIT_CACHE=/tmp/qkcache
+# .ext/torch_extensions.tar: ModelOpt's CUDA extensions as an earlier call on this card built them (~110 s JIT build
+# otherwise); torch loads them from its extension folder when their sources are unchanged.
+if [[ -f .ext/torch_extensions.tar && ! -e /tmp/stage/ext.done ]]; then
+  mkdir -p ~/.cache/torch_extensions && tar xf .ext/torch_extensions.tar -C ~/.cache/torch_extensions \
+    && touch /tmp/stage/ext.done && echo "stage: ModelOpt CUDA extensions unpacked"
+fi

@@ -331,7 +331,10 @@ class QuantLinear(nn.Module):
             buf("weight", triton_gemm.pack_int4_k(q))
             self.register_buffer("tinygemm_weight", None)
             self.register_buffer("tinygemm_scales_zeros", None)
-            if fmt == "int4" and tinygemm_supported(out_features, in_features, self.group_size, dev):
+            # tinygemm takes bf16 activations only (its CUDA kernel checks A.dtype() == kBFloat16): float16 and
+            # float32 models run quantkit's int4 kernels
+            if fmt == "int4" and dtype == torch.bfloat16 and tinygemm_supported(out_features, in_features,
+                                                                                self.group_size, dev):
                 packed, sz, tiles = _tinygemm_pack(q, self.weight_scale, self.group_size)
                 self.tinygemm_weight, self.tinygemm_scales_zeros = packed, sz
                 self.tinygemm_inner_k_tiles = tiles
