@@ -115,7 +115,7 @@ def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
         return original(*a)
 
     weights = {}
-    for name, patch in (("modelopt", lambda: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
+    for name, patch in (("modelopt", lambda **kw: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(qz, "_gptq_update_by_group", spy_own)
             mp.setattr(calib_utils, "gptq_blockwise_update", spy_modelopt)
