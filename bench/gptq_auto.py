@@ -142,7 +142,8 @@ def cost(bench: Bench, layers: int, modelopt_layers: int, all_at_once: bool) -> 
                 ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"}, own, layers),
                 # the same GPTQ with ModelOpt 0.47's own column update (whole-matrix fake quant per column): slow,
                 # hence fewer layers
-                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"}, contextlib.nullcontext,
+                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"},
+                 lambda **kw: contextlib.nullcontext(),
                  modelopt_layers)]
     if all_at_once:
         variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}, own,
