@@ -159,6 +159,7 @@ def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size:
     group = quantizer.block_sizes[-1]
     amax = quantizer._amax
     amax_g = amax.reshape(out, cols // group, *amax.shape[1:])
+    group_of = groups.tolist() if groups is not None else None  # host ints: no device sync per column on a GPU
     try:
         for bs in range(0, cols, block_size):  # block_size is a multiple of group (gptq_algorithm checks)
             be = min(bs + block_size, cols)
@@ -166,13 +167,13 @@ def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size:
             wblk = weight[:, bs:be].clone()
             errs = torch.zeros_like(wblk)
             for i in range(be - bs):
-                if groups is None:
+                if group_of is None:
                     g0 = (i // group) * group
                     quantizer._amax = amax_g[:, (bs + g0) // group].reshape(-1, *amax.shape[1:])
                     blocks = wblk[:, g0:g0 + group].reshape(-1, group)
                     q = quantizer._fake_quantize(blocks).reshape(out, group)[:, i - g0]
                 else:  # the column alone, repeated to one block: static scales quantize element by element
-                    quantizer._amax = amax_g[:, int(groups[bs + i])].reshape(-1, *amax.shape[1:])
+                    quantizer._amax = amax_g[:, group_of[bs + i]].reshape(-1, *amax.shape[1:])
                     blocks = wblk[:, i:i + 1].expand(out, group).contiguous()
                     q = quantizer._fake_quantize(blocks)[:, 0]
                 weight[:, bs + i] = q
