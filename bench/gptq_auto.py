@@ -4,7 +4,8 @@ Usage on one H200 (bench/gpu_stage.sh staged; two calls, each meant to stay unde
 estimates from the earlier GPU runs, not measured for this script):
   python3 bench/gptq_auto.py int4          # call 1, ~5-7 min: baseline + int4_rtn / int4_awq (awq_clip) / int4_gptq
                                            # (on local_hessian scales) at block 32 and 64, and at
-                                           # block 64 int4_hessian and int4_gptq on max scales: 9 runs
+                                           # block 64 int4_hessian, int4_gptq on max scales and int4_gptq
+                                           # without act order on 64 x 512 tokens: 10 runs
   python3 bench/gptq_auto.py auto cost     # call 2, ~6-7 min: method auto at 4.5 / 5 / 6 / 8 bits (+ baseline,
                                            # reused from call 1 while the machine is warm), then GPTQ calibration
                                            # time on Llama-3.1-8B shapes (8 random-weight layers, extrapolated to 32;
@@ -34,7 +35,10 @@ TASKS = ["wiki_ppl", "lambada"]
 INT4 = ("int4_rtn", "int4_awq", "int4_gptq")  # shipped recipes, run at every block size
 # at block 64 only: local_hessian scales without GPTQ, and GPTQ on ModelOpt's max scales
 BEST = [("int4_hessian", "int4_hessian-g64", []),
-        ("int4_gptq", "int4_gptq-maxscales-g64", ["quantize.gptq_scales=max"])]  # ModelOpt's own scales
+        ("int4_gptq", "int4_gptq-maxscales-g64", ["quantize.gptq_scales=max"]),  # ModelOpt's own scales
+        # int4_gptq before activation order and the larger calibration set: the GPU counterpart of RESULTS' CPU row
+        ("int4_gptq", "int4_gptq-storedorder-64x512-g64",
+         ["quantize.gptq_act_order=false", "calibration.n_samples=64"])]
 HEADER = ("| run | settings | wiki word ppl ↓ | vs baseline | lambada acc % | lambada ppl ↓ | bits | quantize s "
           "| wall s |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -142,7 +146,8 @@ def cost(bench: Bench, layers: int, modelopt_layers: int, all_at_once: bool) -> 
                 ("int4_gptq g128, layer-wise (default)", {"method": "int4_gptq"}, own, layers),
                 # the same GPTQ with ModelOpt 0.47's own column update (whole-matrix fake quant per column): slow,
                 # hence fewer layers
-                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"}, contextlib.nullcontext,
+                ("int4_gptq g128, layer-wise, ModelOpt's update", {"method": "int4_gptq"},
+                 lambda **kw: contextlib.nullcontext(),
                  modelopt_layers)]
     if all_at_once:
         variants.append(("int4_gptq g128, all layers at once", {"method": "int4_gptq", "gptq_layerwise": False}, own,

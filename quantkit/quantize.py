@@ -143,18 +143,23 @@ def make_forward_loop(calib: CalibrationSet, counter: ForwardCounter, desc: str 
     return forward_loop
 
 
-def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size: int, quantizer) -> None:
+def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size: int, quantizer,
+                          groups: torch.Tensor | None = None) -> None:
     """ModelOpt 0.47's `gptq_blockwise_update`, the same arithmetic, fake-quantizing only the current column's group.
 
     ModelOpt's unfused update fake-quantizes the whole [out, in] matrix for every column to read one column back
     (O(in^2 * out) per layer). With static block scales (what `gptq` sets from max calibration) a column's codes
     depend only on its own values and its group's amax, so quantizing that [out, group] slice with its amax slice
     gives the same numbers (tests/test_gptq.py: bit-identical weights) in O(in * out * group).
+
+    groups: for activation order, `weight` and `h_inv` are in processing order and `groups[j]` is the stored group
+    of processed column j, whose (fixed) amax quantizes it: static groups, so the export needs no g_idx.
     """
     out, cols = weight.shape
     group = quantizer.block_sizes[-1]
     amax = quantizer._amax
     amax_g = amax.reshape(out, cols // group, *amax.shape[1:])
+    group_of = groups.tolist() if groups is not None else None  # host ints: no device sync per column on a GPU
     try:
         for bs in range(0, cols, block_size):  # block_size is a multiple of group (gptq_algorithm checks)
             be = min(bs + block_size, cols)
@@ -162,10 +167,15 @@ def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size:
             wblk = weight[:, bs:be].clone()
             errs = torch.zeros_like(wblk)
             for i in range(be - bs):
-                g0 = (i // group) * group
-                quantizer._amax = amax_g[:, (bs + g0) // group].reshape(-1, *amax.shape[1:])
-                blocks = wblk[:, g0:g0 + group].reshape(-1, group)
-                q = quantizer._fake_quantize(blocks).reshape(out, group)[:, i - g0]
+                if group_of is None:
+                    g0 = (i // group) * group
+                    quantizer._amax = amax_g[:, (bs + g0) // group].reshape(-1, *amax.shape[1:])
+                    blocks = wblk[:, g0:g0 + group].reshape(-1, group)
+                    q = quantizer._fake_quantize(blocks).reshape(out, group)[:, i - g0]
+                else:  # the column alone, repeated to one block: static scales quantize element by element
+                    quantizer._amax = amax_g[:, group_of[bs + i]].reshape(-1, *amax.shape[1:])
+                    blocks = wblk[:, i:i + 1].expand(out, group).contiguous()
+                    q = quantizer._fake_quantize(blocks)[:, 0]
                 weight[:, bs + i] = q
                 err = (wblk[:, i] - q) / hb[i, i]
                 wblk[:, i:].addr_(err, hb[i, i:], alpha=-1)
@@ -175,27 +185,75 @@ def _gptq_update_by_group(weight: torch.Tensor, h_inv: torch.Tensor, block_size:
         quantizer._amax = amax
 
 
+def _static_int4_blocks(weight: torch.Tensor, block_size: int, quantizer) -> bool:
+    """Whether `quantizer` is an INT4 block quantizer with fixed per-group amax that `_gptq_update_by_group` handles."""
+    sizes = getattr(quantizer, "block_sizes", None) or {}
+    group = sizes.get(-1)
+    return bool(quantizer.num_bits == 4 and sizes.get("type") == "static" and group and weight.shape[1] % group == 0
+                and block_size % group == 0 and getattr(quantizer, "_amax", None) is not None
+                and quantizer._amax.numel() == weight.numel() // group)
+
+
+def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's activation order: input columns by descending Hessian diagonal (stable: ties keep stored order)."""
+    return torch.argsort(torch.diag(hessian), descending=True, stable=True)
+
+
+def _update_weights_act_order(helper, block_size: int, perc_damp: float) -> None:
+    """`GPTQHelper.update_weights` with activation order and static groups (GPTQ's `act_order` + `static_groups`).
+
+    The columns with the largest Hessian diagonal (the most input energy) are quantized first, while the later,
+    cheaper ones still absorb their error; each column keeps the scale of its stored group, fixed before GPTQ
+    (GPTQModel's `static_groups`: `quantizer = groups[perm[i] // group_size]`), so codes, scales and the exported
+    layout are those of the plain path. Damping (a fraction of the mean diagonal) is permutation-invariant.
+    """
+    from modelopt.torch.quantization.utils.calib_utils import compute_hessian_inverse
+
+    module = helper.module
+    hessian = helper.hessian.to(module.weight.device)
+    weight = module.weight.data.float().clone()
+    perm = act_order_permutation(hessian)
+    group = module.weight_quantizer.block_sizes[-1]
+    helper.weight = weight[:, perm].contiguous()
+    helper.h_inv = compute_hessian_inverse(hessian[perm][:, perm], helper.weight, perc_damp)
+    _gptq_update_by_group(helper.weight, helper.h_inv, block_size, module.weight_quantizer, groups=perm // group)
+    helper.weight = helper.weight[:, torch.argsort(perm)]
+    helper._print_mse_error(hessian)
+    module.weight.data = helper.weight.reshape(module.weight.shape).to(module.weight.data.dtype)
+
+
 @contextlib.contextmanager
-def group_local_gptq():
-    """Within: ModelOpt's GPTQ uses `_gptq_update_by_group` for static INT4 block quantizers (others unchanged)."""
+def group_local_gptq(act_order: bool = False):
+    """Within: ModelOpt's GPTQ uses `_gptq_update_by_group` for static INT4 block quantizers (others unchanged).
+
+    act_order: those layers' columns are processed in descending Hessian-diagonal order (`_update_weights_act_order`).
+    """
     from modelopt.torch.quantization.utils import calib_utils
 
     original = calib_utils.gptq_blockwise_update
+    original_update_weights = calib_utils.GPTQHelper.update_weights
 
     def update(weight, h_inv, block_size, quantizer):
-        sizes = getattr(quantizer, "block_sizes", None) or {}
-        group = sizes.get(-1)
-        if (quantizer.num_bits == 4 and sizes.get("type") == "static" and group and weight.shape[1] % group == 0
-                and block_size % group == 0 and getattr(quantizer, "_amax", None) is not None
-                and quantizer._amax.numel() == weight.numel() // group):
+        if _static_int4_blocks(weight, block_size, quantizer):
             return _gptq_update_by_group(weight, h_inv, block_size, quantizer)
         return original(weight, h_inv, block_size, quantizer)
 
+    def update_weights(helper, block_size, perc_damp):
+        weight = helper.module.weight
+        if act_order and _static_int4_blocks(weight.reshape(-1, weight.shape[-1]), block_size,
+                                             helper.module.weight_quantizer):
+            return _update_weights_act_order(helper, block_size, perc_damp)
+        if act_order:  # e.g. auto's FP8 layers: no fixed groups to keep, so the stored order
+            log.debug("gptq act_order: %s is not a static INT4 block quantizer; stored column order", helper.name)
+        return original_update_weights(helper, block_size, perc_damp)
+
     calib_utils.gptq_blockwise_update = update
+    calib_utils.GPTQHelper.update_weights = update_weights
     try:
         yield
     finally:
         calib_utils.gptq_blockwise_update = original
+        calib_utils.GPTQHelper.update_weights = original_update_weights
 
 
 @contextlib.contextmanager
@@ -270,7 +328,7 @@ def quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: Cali
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter):
-            with group_local_gptq():
+            with group_local_gptq(act_order=bool(settings.get("gptq_act_order"))):
                 model = quantize_in_steps(model, cfg, forward_loop)
             if method.name == "int8_sq" and settings["smoothquant_alpha"] == "auto":
                 from quantkit.smoothquant import smoothquant_auto

@@ -63,6 +63,8 @@ class QuantizeSection(_Section):
         default=None, description="GPTQ Hessians from the already-quantized earlier layers (sequential), or at once")
     gptq_scales: Literal["max", "local_hessian"] | None = Field(
         default=None, description="GPTQ block scales: max calibration (ModelOpt's) or searched by local_hessian first")
+    gptq_act_order: bool | None = Field(
+        default=None, description="GPTQ columns in descending Hessian-diagonal order, each on its stored group's scale")
     effective_bits: float | None = Field(
         default=None, gt=0.0, le=16.0, description="method auto: average weight bits over the quantized layers")
     candidates: list[str] | None = Field(default=None, description="method auto: formats searched per layer")

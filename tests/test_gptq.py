@@ -31,7 +31,7 @@ def test_knobs_reach_modelopt_gptq_config() -> None:
     weights = [e["cfg"] for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
     assert weights[0]["num_bits"] == 4 and weights[0]["block_sizes"][-1] == 32
     defaults = resolved_settings(QuantizeSection(method="int4_gptq"))
-    assert (defaults["gptq_layerwise"], defaults["gptq_damping"]) == (True, 0.1)
+    assert (defaults["gptq_layerwise"], defaults["gptq_damping"], defaults["gptq_act_order"]) == (True, 0.1, True)
 
 
 def test_gptq_block_must_be_a_multiple_of_the_group() -> None:
@@ -102,7 +102,8 @@ def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
     from quantkit import quantize as qz
 
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    section = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64)
+    # stored column order: the order ModelOpt's own update knows (act order is tests/test_gptq_act_order.py's)
+    section = QuantizeSection(method="int4_gptq", block_size=32, gptq_block=64, gptq_act_order=False)
     calls: list[str] = []
     own, original = qz._gptq_update_by_group, calib_utils.gptq_blockwise_update
 
@@ -115,7 +116,7 @@ def test_group_local_update_is_modelopts_update_bit_for_bit() -> None:
         return original(*a)
 
     weights = {}
-    for name, patch in (("modelopt", lambda: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
+    for name, patch in (("modelopt", lambda **kw: qz.contextlib.nullcontext()), ("quantkit", qz.group_local_gptq)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(qz, "_gptq_update_by_group", spy_own)
             mp.setattr(calib_utils, "gptq_blockwise_update", spy_modelopt)
