@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {
         Method(
             "auto", "per-layer formats chosen by ModelOpt auto_quantize under an effective-bits budget",
             # Searched with max calibration (all ModelOpt 0.47 auto_quantize accepts), then calibrated once more
-            # with the chosen INT4 method's algorithm (GPTQ for int4_gptq).
+            # with the chosen INT4 method's algorithm (GPTQ for int4_gptq, in its activation order).
             "auto_quantize", True, frozenset({"exclude", "block_size", "effective_bits", "candidates"}),
             {"block_size": 128, "candidates": ["int4_gptq", "fp8"]}, "MIXED_PRECISION",
         ),
@@ -236,12 +236,29 @@ def auto_final_algorithm(section: QuantizeSection) -> dict[str, Any] | str:
     """The calibration of the searched model: the INT4 candidate's algorithm (GPTQ for int4_gptq), else max.
 
     GPTQ here runs on max-calibrated scales: `gptq_scales: local_hessian` needs every enabled quantizer to be an INT4
-    weight quantizer (quantize.kept_weight_scales), and a mixed model has FP8 ones.
+    weight quantizer (quantize.kept_weight_scales), and a mixed model has FP8 ones. Its INT4 layers take int4_gptq's
+    activation order (`auto_act_order`); the FP8 ones keep the stored column order (no fixed groups).
     """
     settings = resolved_settings(section)
     if "int4_gptq" in settings["candidates"]:
         return gptq_algorithm({**METHODS["int4_gptq"].defaults, "block_size": settings["block_size"]})
     return "max"
+
+
+def run_settings(section: QuantizeSection) -> dict[str, Any]:
+    """What decides the quantized weights besides the recipe's own fields: the method's defaults as they resolve
+    now and, for auto, its final calibration. Part of the quantize stage's fingerprint, so a run folder made under
+    other defaults (a new quantkit) is recomputed instead of reused."""
+    out = resolved_settings(section)
+    if section.method == "auto":
+        out.update(final_calibration=auto_final_algorithm(section), gptq_act_order=auto_act_order(section))
+    return out
+
+
+def auto_act_order(section: QuantizeSection) -> bool:
+    """Whether auto's final GPTQ runs its INT4 layers in activation order: int4_gptq's default, as its algorithm."""
+    return "int4_gptq" in resolved_settings(section)["candidates"] and bool(
+        METHODS["int4_gptq"].defaults["gptq_act_order"])
 
 
 # Dynamic per-token int8 activations (what TensorRT-LLM's per-token SmoothQuant plugin computes at run time).

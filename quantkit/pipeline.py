@@ -18,7 +18,7 @@ import torch
 
 from quantkit.calibration import CalibrationSet, build_calibration_set, load_texts
 from quantkit.errors import QuantkitError, resource_errors
-from quantkit.methods import get_method, resolved_settings
+from quantkit.methods import get_method, resolved_settings, run_settings
 from quantkit.recipe import Recipe
 from quantkit.runfolder import (
     RunFolder,
@@ -190,7 +190,7 @@ def _run(recipe: Recipe, run_dir: Path, calib: CalibrationSet | None, device: st
     method = get_method(recipe.quantize.method)
     m, q, c, e = recipe.model, recipe.quantize, recipe.calibration, recipe.export
     # Placement (device_map, max_memory) decides where the weights sit, not what the checkpoints hold.
-    fp_quant = fingerprint(m.model_dump(exclude=set(PLACEMENT_FIELDS)), q.model_dump(),
+    fp_quant = fingerprint(m.model_dump(exclude=set(PLACEMENT_FIELDS)), q.model_dump(), run_settings(q),
                            c.model_dump() if method.uses_calibration_data else None)
     fp_export = fingerprint(fp_quant, e.model_dump())
     # Export preparation re-shares scales of fused layers in place: evaluate the model as it is shipped.

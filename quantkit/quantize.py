@@ -397,7 +397,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.algorithms import QuantRecipe, _resolve_best_recipe
 
-    from quantkit.methods import auto_candidate_configs, auto_final_algorithm
+    from quantkit.methods import auto_act_order, auto_candidate_configs, auto_final_algorithm
 
     settings = resolved_settings(section)
     if any(get_method(c).needs_cuda for c in settings["candidates"]) and not torch.cuda.is_available():
@@ -454,14 +454,16 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     for module in model.modules():  # the search left each candidate's scales: the chosen format sets new ones
         if type(module).__name__.endswith("Quantizer") and hasattr(module, "_amax"):
             delattr(module, "_amax")
-    with contextlib.redirect_stdout(chatter), group_local_gptq():
+    act_order = auto_act_order(section)
+    with contextlib.redirect_stdout(chatter), group_local_gptq(act_order=act_order):
         model = mtq.quantize(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
     log.debug("modelopt output:\n%s", chatter.getvalue())
     counts = dict(collections.Counter(layers.values()))
     model.quantkit_auto_quantize = {
         "effective_bits_target": target, "effective_bits": round(16 * cost / quantized, 4),
         "bits_counted_over": "quantized (non-excluded) linear weights", "floor_bits": round(floor, 4),
-        "candidates": settings["candidates"], "calibration": cfg["algorithm"], "layer_counts": counts,
+        "candidates": settings["candidates"], "calibration": cfg["algorithm"], "gptq_act_order": act_order,
+        "layer_counts": counts,
         "layers": layers,
     }
     return model

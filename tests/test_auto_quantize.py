@@ -183,3 +183,25 @@ def test_choose_by_bits_picks_the_fewest_bits_within_the_accuracy_budget() -> No
     assert "no effective bits recorded" in why["fp8"].reasons[0]
     assert why["auto-6"].note == "5.97 vs 4.98 effective bits" and why["base"].ok
     assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=1%"]), by="bits").chosen == "base"
+
+
+def test_final_gptq_runs_the_int4_layers_in_activation_order(monkeypatch) -> None:
+    """auto's INT4 layers get int4_gptq's activation order (its default), its FP8 layers the stored column order:
+    the act-order update runs for exactly the layers the search gave int4_gptq."""
+    from quantkit import quantize as qz
+
+    ordered: set[int] = set()
+    real = qz._update_weights_act_order
+
+    def spy(helper, *args, **kwargs):
+        ordered.add(id(helper.module))  # helper.name is relative to the decoder layer under layer-wise GPTQ
+        return real(helper, *args, **kwargs)
+
+    monkeypatch.setattr(qz, "_update_weights_act_order", spy)
+    model = quantize_model(tiny_llama(), QuantizeSection(method="auto", block_size=64, effective_bits=BUDGET),
+                           CalibrationSet(IDS, 4, "test"))
+    choice = model.quantkit_auto_quantize
+    assert choice["gptq_act_order"] is True
+    int4 = {n for n, m in choice["layers"].items() if m == "int4_gptq"}
+    assert int4 and set(choice["layers"].values()) - {"int4_gptq"}  # a mix, so the FP8 side is exercised
+    assert {n for n, m in model.named_modules() if id(m) in ordered} == int4

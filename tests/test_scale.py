@@ -510,3 +510,22 @@ def test_trtllm_layout_is_made_before_the_shards_are_written_once(tmp_path, cali
     once = real_load(str(tmp_path / "once" / "rank0.safetensors"))
     assert set(once) == set(converted)
     assert all(once[k].dtype == converted[k].dtype and torch.equal(once[k], converted[k]) for k in once)
+
+
+def test_a_changed_method_default_recomputes_instead_of_reusing_the_run_folder(tmp_path, tiny_model_dir, monkeypatch,
+                                                                                caplog):
+    """A run folder made under other method defaults (an upgraded quantkit) is not taken as done: the rerun quantizes
+    again and the checkpoint shows the new default (one INT4 scale per block of the block size now in force)."""
+    from quantkit.methods import METHODS
+
+    recipe = _recipe(tmp_path, "run", tiny_model_dir, {"method": "int4_rtn"}, tmp_path / "out")
+    shard = tmp_path / "out" / "run" / "export" / "hf" / "model.safetensors"
+    name = "model.layers.0.mlp.down_proj.weight_scale"  # in_features 256
+    assert main(["run", str(recipe)]) == 0
+    assert load_file(shard)[name].shape[-1] == 256 // METHODS["int4_rtn"].defaults["block_size"]
+
+    monkeypatch.setitem(METHODS["int4_rtn"].defaults, "block_size", 64)
+    caplog.set_level("INFO")
+    assert main(["run", str(recipe)]) == 0
+    assert "calibration skipped" not in caplog.text
+    assert load_file(shard)[name].shape[-1] == 256 // 64
