@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import resource
@@ -163,7 +164,10 @@ def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(layer).forward(layer, *args, **kwargs)
 
 
-_compiled_layer_forward = torch.compile(_layer_forward, fullgraph=True, dynamic=False)
+@functools.cache
+def _compiled_layer_forward() -> Any:
+    # made at first use: torch.compile imports dynamo (~2 s), and every CLI start imports this module
+    return torch.compile(_layer_forward, fullgraph=True, dynamic=False)
 
 
 def _raise_recompile_limits() -> None:
@@ -192,7 +196,7 @@ def compiled_layers(model: nn.Module):
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
             if past_key_values is not None:
                 past_key_values = _LayerCache(past_key_values.layers[index])
-            return _compiled_layer_forward(layer, *args, past_key_values=past_key_values, **kwargs)
+            return _compiled_layer_forward()(layer, *args, past_key_values=past_key_values, **kwargs)
 
         return forward
 

@@ -243,9 +243,14 @@ def _layout_algo(quant: dict | None, names) -> str | None:
     from quantkit.methods import PER_TOKEN_SQ_ALGO
 
     algo = (quant or {}).get("quant_algo")
-    if algo == "W8A8_SQ_PER_CHANNEL" and not any(n.endswith(".activation_scaling_factor") for n in names):
+    if _per_token_smoothquant(algo, names, ".activation_scaling_factor"):
         return PER_TOKEN_SQ_ALGO
     return algo if algo in (PER_TOKEN_SQ_ALGO, "W8A16") else None
+
+
+def _per_token_smoothquant(algo: str | None, names, act_suffix: str) -> bool:
+    """ModelOpt's SmoothQuant label with no static activation scale among the tensor names: per-token activations."""
+    return algo == "W8A8_SQ_PER_CHANNEL" and not any(n.endswith(act_suffix) for n in names)
 
 
 def layout_tensors(t: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -342,10 +347,12 @@ def _label_per_token_smoothquant(config_path: Path, key: str, shards: str, act_s
     quant = cfg.get(key) or {}
     if quant.get("quant_algo") != "W8A8_SQ_PER_CHANNEL":
         return
+    names: list[str] = []
     for shard in config_path.parent.glob(shards):
         with safe_open(str(shard), "pt") as f:
-            if any(k.endswith(act_suffix) for k in f.keys()):  # noqa: SIM118 - safe_open has no __iter__
-                return
+            names.extend(f.keys())
+    if not _per_token_smoothquant(quant["quant_algo"], names, act_suffix):
+        return
     quant["quant_algo"] = PER_TOKEN_SQ_ALGO
     config_path.write_text(json.dumps(cfg, indent=4))
 

@@ -49,9 +49,10 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
 | int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
 | w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
 Maintained libraries take over where they measured faster (kernels/libs.py has the H200 table and `CHOICES`;
-gemlite 0.6.0.post2 today): fp8, fp8_pt, int8_sq(_pt) at every M on gemlite's A8W8 GEMV/GEMM (79-116 us at
-M <= 16, 439-512 us at M = 1024, with quantkit's own activation quantization, i.e. the checkpoint's static or
-per-token scales), int4 at M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each
+gemlite 0.6.0.post2 today): int8_sq(_pt) at every M and fp8, fp8_pt at decode (M <= 16) on gemlite's A8W8
+GEMV/GEMM (79-116 us at M <= 16, 512 us at M = 1024, with quantkit's own activation quantization, i.e. the
+checkpoint's static or per-token scales; fp8 prefill stays on _scaled_mm, faster in the whole model), int4 at
+M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each
 is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
 with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
 in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
