@@ -242,9 +242,19 @@ def fp8_rowwise_ok(device: torch.device) -> bool:
     return _KERNEL_OK[key]
 
 
-# each gemlite kernel type a layer runs (8-bit: GEMV M <= 2, split-K GEMM M < 64, GEMM; int4: GEMV M <= 4, split-K
-# GEMM), at the M the bench runs (batch 1 and 8, prefill 1024) so the check autotunes nothing extra
-_LIB_CHECK_M = {"gemlite_a8w8": (1, 8, 1024), "gemlite_a16w4": (2, 8)}
+# M per regime at which the self-check runs a library kernel: each gemlite kernel type the regime reaches (8-bit:
+# GEMV M <= 2, split-K GEMM M < 64, GEMM; int4: GEMV M <= 4, split-K GEMM), at the M the bench runs (batch 1 and 8,
+# prefill 1024) so the check autotunes nothing extra; decode starts at M = 2 where "m1" has its own kernel
+_LIB_CHECK_M = {"m1": (1,), "decode": (1, 8), "prefill": (1024,)}
+
+
+def _library_check_ms(plan: dict[str, str], kernel: str) -> list[int]:
+    ms: set[int] = set()
+    for regime in REGIMES:
+        if plan.get(regime) == kernel:
+            ms.update((2, 8) if regime == "decode" and "m1" in plan else _LIB_CHECK_M[regime])
+    return sorted(ms)
+
 _LIB_FAIL_LOGGED: set[tuple[str, str, tuple[int, int]]] = set()
 
 
@@ -257,13 +267,14 @@ def library_kernel_ok(layer: QuantLinear, kernel: str) -> bool:
     """Self-check of an attached library kernel on this layer's own tensors: its output must reproduce quantkit's
     torch reference of the checkpoint's arithmetic (`QuantLinear._dequant_forward`) at every M it runs (each
     gemlite kernel type: GEMV, split-K GEMM, GEMM), within 1e-2 relative (bf16 rounding of the dequantized
-    activations and weights in the reference; a wrong layout or scale is off by O(1))."""
+    activations and weights in the reference; a wrong layout or scale is off by O(1)). The M values follow the
+    regimes `layer.kernels` gives the kernel."""
     dev = layer.weight.device
     lib = libs.library(libs.kernel_library(kernel), dev)
     g = torch.Generator(device=dev).manual_seed(1)
     worst = 0.0
     try:
-        for m in _LIB_CHECK_M[kernel]:
+        for m in _library_check_ms(layer.kernels, kernel):
             x = torch.randn(m, layer.in_features, generator=g, device=dev).to(layer.compute_dtype)
             ref = layer._dequant_forward(x).float()
             got = layer._library_forward(x).float()
@@ -392,7 +403,9 @@ class QuantLinear(nn.Module):
                         self.out_features, self.in_features, self.fmt, chosen, type(exc).__name__, exc)
             self._set_library(None)
             return
+        own, self.kernels = self.kernels, plan  # the self-check reads which regimes each kernel takes
         if not all(library_kernel_ok(self, k) for k in chosen):
+            self.kernels = own
             self._set_library(None)
             return
         plan["library"] = ", ".join(libs.library(libs.kernel_library(k), dev).label for k in chosen)
