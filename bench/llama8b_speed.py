@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/dev/shm/quantkit-8b" if Path("/dev/shm").is_dir() else "/tmp/quantkit-8b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also list the kernels of a decode step (torch.profiler over STEPS steps)")
     args = ap.parse_args()
 
     global TINY
@@ -195,7 +197,7 @@ def main() -> None:
                 model, info = quantized(method, args.layers, dev, workdir, args.calib_batches, args.calib_len)
             for scope in scopes:
                 try:
-                    res = bench_model(model, None, section, dev, compile=scope)
+                    res = bench_model(model, None, section, dev, compile=scope, profile_steps=args.profile)
                 except Exception:
                     say(f"{method} [{scope}] FAILED:\n{traceback.format_exc()}")
                     continue
@@ -270,6 +272,21 @@ def kernel_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def step_kernel_tables(runs: dict[str, dict]) -> str:
+    """Where a decode step's time goes (--profile): its kernels per method and batch size, longest first."""
+    out = []
+    for name, run in runs.items():
+        for r in run["results"]:
+            if not r.get("step_kernels"):
+                continue
+            total = sum(k["us"] for k in r["step_kernels"])
+            out.append(f"\n\n{name}, batch {r['batch_size']}: kernels of one decode step ({total:.0f} us of GPU time "
+                       f"in all; step {1e3 * r['decode_step_ms']:.0f} us)\n\n| kernel | us / step | launches / step |"
+                       "\n|---|---:|---:|")
+            out.extend(f"| `{k['kernel'][:90]}` | {k['us']:.1f} | {k['calls']:.0f} |" for k in r["step_kernels"])
+    return "\n".join(out)
+
+
 def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, card: str, bw: float) -> None:
     import transformers
 
@@ -290,7 +307,7 @@ def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, ca
                      f"{100 * r['share']:.0f}% | {r['limit_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
                      f"{r['ttft_ms']:.0f} | {r['weight_gib']:.2f} | {r['peak_gpu_gib']:.1f} | {r['compile_s']:.1f} | "
                      f"{r['compiled_graphs']} |")
-    table = "\n".join(lines) + "\n\n" + kernel_table(runs)
+    table = "\n".join(lines) + "\n\n" + kernel_table(runs) + step_kernel_tables(runs)
     print(f"\nLlama-3.1-8B shapes ({args.layers} layers), random weights, {card}; input {args.input_len}, output "
           f"{args.output_len}; copy bandwidth {bw / 1e9:.0f} GB/s\n{table}")
     meta = {"card": card, "copy_gb_s": bw / 1e9, "torch": torch.__version__, "triton": version("triton"),

@@ -304,6 +304,26 @@ class Generator:
             out[:, i : i + 1].copy_(self.tok)
         return out
 
+    def profile(self, steps: int, top: int = 20) -> list[dict[str, Any]]:
+        """The GPU kernels of a decode step (torch.profiler over `steps` steps, graph replays included): per
+        kernel name, microseconds and launches per step, the `top` longest first, plus the sum of the rest."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.decode(steps)
+            _sync(self.device)
+        rows = []
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if us > 0:
+                rows.append({"kernel": evt.key, "us": us / steps, "calls": evt.count / steps})
+        rows.sort(key=lambda r: -r["us"])
+        rest = rows[top:]
+        if rest:
+            rows = rows[:top] + [{"kernel": f"({len(rest)} other kernels)", "us": sum(r["us"] for r in rest),
+                                  "calls": sum(r["calls"] for r in rest)}]
+        return rows
+
     def generate(self, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
         """Greedy tokens [b, new_tokens], time to first token (s), decode time for the rest (s)."""
         _sync(self.device)
@@ -323,14 +343,15 @@ class Generator:
 
 def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: str | torch.device, *,
                 compile: bool | CompileScope | None = None, cuda_graph: bool | None = None,
-                fuse: bool | None = None, seed: int = 0) -> dict[str, Any]:
+                fuse: bool | None = None, seed: int = 0, profile_steps: int = 0) -> dict[str, Any]:
     """Greedy-generation speed of `model` for each batch size in `bench` (prompts: random token ids).
 
     compile: a scope (layers / regions / none), True for `bench.compile`, False for none; default `bench.compile`
     on CUDA and none on CPU. cuda_graph / fuse default to on for CUDA and off for CPU. fuse: q/k/v and gate/up
     become one GEMM each, in place (runtime.fuse_projections; same arithmetic, applied to the unquantized baseline
     too). The tokenizer is only used for its name: the prompts are random ids of exactly `bench.input_len` tokens
-    so every method sees identical work.
+    so every method sees identical work. profile_steps > 0 (CUDA): each batch size's row also lists the kernels of
+    a decode step (`Generator.profile`), measured after the timed runs.
     """
     from quantkit.runtime import fuse_projections, kernel_summary, use_quantkit_attention, weight_bytes
 
@@ -352,14 +373,15 @@ def bench_model(model: nn.Module, tokenizer: Any, bench: BenchSection, device: s
     gen_ = torch.Generator().manual_seed(seed)
     attn_before = use_quantkit_attention(model)  # GQA without repeat_kv copies (see runtime.gqa_sdpa_attention)
     try:
-        _bench_batches(model, bench, device, scope, cuda_graph, gen_, vocab, result)
+        _bench_batches(model, bench, device, scope, cuda_graph, gen_, vocab, result, profile_steps)
     finally:
         model.set_attn_implementation(attn_before)
     return result
 
 
 def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, scope: CompileScope,
-                   cuda_graph: bool, gen_: torch.Generator, vocab: int, result: dict[str, Any]) -> None:
+                   cuda_graph: bool, gen_: torch.Generator, vocab: int, result: dict[str, Any],
+                   profile_steps: int = 0) -> None:
     on_cuda = device.type == "cuda"
     start = compile_counters()
     with torch.inference_mode(), compiled_scope(model, scope) as compiled:
@@ -395,6 +417,8 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
                 "generated_kernels": after["kernels"] - before["kernels"],
                 "first_tokens": tokens[0, :8].tolist() if tokens is not None else [],
             }
+            if profile_steps and on_cuda:
+                row["step_kernels"] = gen.profile(profile_steps)
             result["results"].append(row)
             log.info("batch %d: prefill %.0f tok/s, decode %.1f tok/s, ttft %.3f s", b, row["prefill_tok_s"],
                      row["decode_tok_s"] or 0.0, ttft)

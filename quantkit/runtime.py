@@ -28,7 +28,7 @@ reproduce):
   an FP8 KV cache, not its memory saving (the static cache still stores bf16).
 
 Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
-QUANTKIT_INT4_DECODE=tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant,
+QUANTKIT_INT4_DECODE=measured|tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant,
 QUANTKIT_INT8_PREFILL=int_mm|dequant). Chosen by measurement (bench/kernels.py, H200, one decoder layer of
 Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included and run eagerly; bf16 cuBLAS
 134 us at M=1, 680 us at M=1024; bench/RESULTS.md has the table):
@@ -199,9 +199,12 @@ def kernel_ok(name: str, device: torch.device) -> bool:
         elif name == "triton_w8a16":
             got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
             ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
-        elif name == "triton_w4a16":
-            got = triton_gemm.w4_gemm(x.to(device, dt), d["q4"], d["gs"], group, pqs.to(device, dt))
-            ref = (x.to(dt) * pqs.to(dt)).float() @ (q4.float() * gs.repeat_interleave(group, 1)).t()
+        elif name == "triton_w4a16":  # both paths: M = 1 (fp32 FMAs) and M = 3 (tensor cores)
+            xs = (x.to(dt) * pqs.to(dt)).to(device)
+            got = torch.cat([triton_gemm.w4_gemm(xs[:1], d["q4"], d["gs"], group),
+                             triton_gemm.w4_gemm(xs, d["q4"], d["gs"], group)])
+            ref = xs.float().cpu() @ (q4.float() * gs.repeat_interleave(group, 1)).t()
+            ref = torch.cat([ref[:1], ref])
         elif name == "triton_dequant8":
             got = triton_gemm.dequant_int8(d["w8"], d["ws"], dt)
             ref = w8.float() * ws[:, None]
@@ -379,11 +382,22 @@ class QuantLinear(nn.Module):
         if self.fmt == "int4":
             w4 = "triton_dequant" if kernel_ok("triton_dequant4", dev) else "dequant"
             tiny = "tinygemm" if self.tinygemm_weight is not None else None
-            tri = "triton_w4a16" if kernel_ok("triton_w4a16", dev) else None
-            choice = env("QUANTKIT_INT4_DECODE", "tinygemm")
-            order = {"tinygemm": [tiny, tri], "triton": [tri, tiny], "dequant": []}[choice]
-            decode = next((c for c in order if c), w4)
-            return {"decode": decode, "prefill": w4}
+            tri = "triton_w4a16" if triton_gemm.w4_supported(self.in_features, self.group_size) and kernel_ok(
+                "triton_w4a16", dev) else None
+            choice = env("QUANTKIT_INT4_DECODE", "measured")
+            if choice != "measured":
+                order = {"tinygemm": [tiny, tri], "triton": [tri, tiny], "dequant": []}[choice]
+                return {"decode": next((c for c in order if c), w4), "prefill": w4}
+            plan = {}
+            for regime, m in (("m1", 1), ("decode", 8)):
+                # the Triton kernel where bench/w4a16_tune.py measured it faster than tinygemm on this shape
+                # (kernels/w4a16_configs.json), tinygemm elsewhere
+                faster = triton_gemm.w4_beats_tinygemm(m, self.out_features, self.in_features)
+                order = [tri, tiny] if faster or tiny is None else [tiny, tri]
+                plan[regime] = next((c for c in order if c), w4)
+            if plan["m1"] == plan["decode"]:
+                plan.pop("m1")
+            return {**plan, "prefill": w4}
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
 
     def _plan_libraries(self, dev: torch.device) -> None:
@@ -555,7 +569,9 @@ class QuantLinear(nn.Module):
         if kernel == "triton_w8a16":
             return triton_gemm.w8_gemm(x, self.weight, self.weight_scale)
         if kernel == "triton_w4a16":
-            return triton_gemm.w4_gemm(x, self.weight, self.weight_scale, self.group_size, self.pre_quant_scale)
+            if self.pre_quant_scale is not None:
+                x = x * self.pre_quant_scale
+            return triton_gemm.w4_gemm(x, self.weight, self.weight_scale, self.group_size)
         if kernel == "tinygemm":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
@@ -757,6 +773,8 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         value = fake_fp8(value, module.quantkit_v_scale)
     b, hq, s, d = query.shape
     hkv = key.shape[1]
+    if _flex_decode(query, attention_mask, dropout, kwargs):
+        return flex_decode_attention(query, key, value, attention_mask, scaling), None
     if hkv == hq or (attention_mask is None and s > 1) or dropout > 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
@@ -769,6 +787,34 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         mask = mask.reshape(mask.shape[0], mask.shape[1], n * s, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, s, d).transpose(1, 2).contiguous(), None
+
+
+def _flex_decode(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Decode attention through FlexAttention: one query token, a boolean mask, inside torch.compile (eager flex
+    is a slow reference), no logit softcap or attention sinks (not expressed here); on CUDA by default
+    (QUANTKIT_DECODE_ATTENTION=sdpa|flex overrides, e.g. to test the flex path on CPU)."""
+    choice = os.environ.get("QUANTKIT_DECODE_ATTENTION", "flex" if query.is_cuda else "sdpa")
+    return (choice == "flex" and query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool
+            and dropout == 0 and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+            and torch.compiler.is_compiling())
+
+
+def flex_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                          scaling: float | None) -> torch.Tensor:
+    """Attention of one query token over the static cache with torch's FlexAttention, whose decode kernel splits
+    the cache length over many programs and reads each K/V head once for its group of query heads (SDPA's
+    kernel runs one program per K/V head at this size: 8 programs for Llama-3-8B at batch 1). The boolean mask
+    [b, 1, 1, L] (True = attend; sliding windows included) is applied as a score modification."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    keep = mask[:, 0, -1]  # [b, L]
+
+    def masked(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor):
+        return torch.where(keep[b, kv], score, -float("inf"))
+
+    out = flex_attention(query, key, value, score_mod=masked, scale=scaling,
+                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 def use_quantkit_attention(model: nn.Module) -> str:

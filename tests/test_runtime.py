@@ -281,7 +281,8 @@ q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
 sc = torch.rand(N, K // G) * 0.1
 pqs = torch.rand(K) + 0.5
 ref = (x * pqs) @ (q.float() * sc.repeat_interleave(G, 1)).t()
-out["w4a16"] = rel_err(tg.w4_gemm(x, tg.pack_int4_k(q), sc, G, pqs), ref)
+out["w4a16"] = rel_err(tg.w4_gemm(x * pqs, tg.pack_int4_k(q), sc, G), ref)  # M = 3: tensor-core path
+out["w4a16_m1"] = rel_err(tg.w4_gemm(x[:1] * pqs, tg.pack_int4_k(q), sc, G), ref[:1])  # M = 1: FMA path
 out["dequant8"] = rel_err(tg.dequant_int8(w, ws, torch.float32), w.float() * ws[:, None])
 ref = q.float() * sc.repeat_interleave(G, 1)
 out["dequant4"] = rel_err(tg.dequant_int4(tg.pack_int4_k(q), sc, G, torch.float32), ref)
@@ -312,7 +313,7 @@ def test_triton_kernels_in_interpreter() -> None:
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     res = json.loads(line[0][len("RESULT "):])
     print(res)
-    for k in ("w8a8", "w8a16", "w4a16", "dequant8", "dequant4"):
+    for k in ("w8a8", "w8a16", "w4a16", "w4a16_m1", "dequant8", "dequant4"):
         assert res[k] < 1e-5, (k, res[k])
     assert all(res["self_checks"].values()), res["self_checks"]
     assert res["int8_sq"][1] == {"format": "int8_sq", "decode": "triton_w8a8", "prefill": "triton_dequant"}

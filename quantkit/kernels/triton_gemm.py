@@ -37,7 +37,11 @@ the interpreter mishandles int -> bf16, so those checks run in float32). They ar
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -78,12 +82,88 @@ def unpack_int4_k(p: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= 8, q - 16, q).to(torch.int8)
 
 
+@dataclass(frozen=True)
+class W4Config:
+    """Launch settings of the W4A16 kernel for one (M regime, N, K): split_k programs along K (partial sums),
+    dot = tensor-core path (any M <= 16) or fp32 FMAs (M = 1), tile BLOCK_N x BLOCK_J int32 words."""
+
+    split_k: int
+    dot: bool
+    block_n: int
+    block_j: int
+    warps: int
+    stages: int
+
+
+W4_CONFIG_FILE = Path(__file__).with_name("w4a16_configs.json")
+# where the table has no entry: a streaming shape, split along K until there are about two programs per SM of a
+# large GPU (decode GEMMs of a few thousand outputs would otherwise leave most SMs idle)
+_W4_DEFAULT = {"m1": W4Config(1, False, 16, 64, 4, 3), "decode": W4Config(1, True, 32, 32, 4, 3)}
+_W4_MIN_PROGRAMS = 256
+
+
+def w4_regime(m: int) -> str:
+    return "m1" if m == 1 else "decode"
+
+
+@dataclass(frozen=True)
+class W4Tuned:
+    """One row of w4a16_configs.json: the fastest config found and what it and tinygemm measured (us)."""
+
+    config: W4Config
+    us: float
+    tinygemm_us: float
+
+
+@functools.cache
+def _w4_table() -> dict[str, dict[str, W4Tuned]]:
+    raw = json.loads(W4_CONFIG_FILE.read_text())
+    return {regime: {shape: W4Tuned(W4Config(**r["config"]), r["us"], r["tinygemm_us"]) for shape, r in rows.items()}
+            for regime, rows in raw.items()}
+
+
+def w4_beats_tinygemm(m: int, n: int, k: int) -> bool | None:
+    """Whether the tuned W4A16 kernel measured faster than tinygemm on this shape and M regime (None: not tuned)."""
+    row = _w4_table()[w4_regime(m)].get(f"{n}x{k}")
+    return None if row is None else row.us < row.tinygemm_us
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+@functools.cache
+def w4_config(m: int, n: int, k: int, group: int) -> W4Config:
+    """The tuned settings for this shape (w4a16_configs.json, measured by bench/w4a16_tune.py), else the default,
+    made valid for K: split_k divides the K/8 words and BLOCK_J is a power of two dividing each split's words."""
+    regime = w4_regime(m)
+    row = _w4_table()[regime].get(f"{n}x{k}")
+    cfg = row.config if row is not None else None
+    words = k // 8
+    if cfg is None:
+        cfg = _W4_DEFAULT[regime]
+        split = 1
+        while (-(-n // cfg.block_n)) * split < _W4_MIN_PROGRAMS and words % (2 * split) == 0 \
+                and words // (2 * split) >= cfg.block_j:
+            split *= 2
+        cfg = replace(cfg, split_k=split)
+    return fit_w4_config(cfg, k)
+
+
+def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
+    """`cfg` made valid for K: split_k divides the K/8 words, BLOCK_J is a power of two dividing a split's words."""
+    words = k // 8
+    split = cfg.split_k
+    while split > 1 and (words % split or _pow2_divisor(words // split) < 2):
+        split //= 2
+    return replace(cfg, split_k=split, block_j=min(cfg.block_j, _pow2_divisor(words // split)))
+
+
 if HAVE_TRITON:
 
     # A few hand-picked configs (each is compiled per distinct K): streaming shapes for a memory-bound skinny GEMM.
     _W8_CONFIGS = [(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 3, 4), (64, 256, 3, 8),
                    (128, 128, 3, 8), (16, 512, 3, 4)]  # (BLOCK_N, BLOCK_K, stages, warps)
-    _W4_CONFIGS = [(32, 4), (16, 4), (64, 3)]  # (BLOCK_N, stages); BLOCK_K is the quantization group
 
     def _configs() -> list[triton.Config]:
         if interpreting():  # one config: the interpreter is slow and timing it means nothing
@@ -148,45 +228,61 @@ if HAVE_TRITON:
         tl.store(out_ptr + base, lo.to(out_ptr.dtype.element_ty), mask=ok)
         tl.store(out_ptr + base + 1, hi.to(out_ptr.dtype.element_ty), mask=ok)
 
-    def _w4_configs() -> list[triton.Config]:
-        if interpreting():
-            return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-        return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn, st in _W4_CONFIGS]
-
-    @triton.autotune(configs=_w4_configs(), key=["M", "N", "K", "GROUP"])
     @triton.jit
-    def _w4_kernel(x_ptr, w_ptr, ws_ptr, pqs_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_wsn,
-                   stride_ym,
-                   GROUP: tl.constexpr, HAS_PQS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        HALF: tl.constexpr = GROUP // 2
+    def _nibble(w, i: tl.constexpr):
+        # nibble i of each int32 word as the signed value it stores, in fp32 without an int -> float conversion
+        # (quarter rate on Hopper): (v + 8) | bits(2**23) read as fp32 is 2**23 + v + 8 exactly
+        return ((((w >> (4 * i)) & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+    @triton.jit
+    def _w4_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
+                   SPLIT_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_J: tl.constexpr):
+        # w: the K-packed bytes read as int32 words [N, K/8]; nibble i of word j is k = 8j + i
+        KW: tl.constexpr = K // 8
+        GW: tl.constexpr = GROUP // 8
+        NG: tl.constexpr = K // GROUP
+        CHUNK: tl.constexpr = KW // SPLIT_K
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rj = tl.arange(0, HALF)
-        m_ok = rm < M
         n_ok = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in range(0, K // GROUP):
-            jj = g * HALF + rj  # byte index along K/2
-            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * jj[None, :], mask=m_ok[:, None], other=0.0)
-            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * jj[None, :] + 1, mask=m_ok[:, None], other=0.0)
-            if HAS_PQS:
-                p_even = tl.load(pqs_ptr + 2 * jj)
-                p_odd = tl.load(pqs_ptr + 2 * jj + 1)
-                x_even = (x_even.to(tl.float32) * p_even[None, :]).to(x_ptr.dtype.element_ty)
-                x_odd = (x_odd.to(tl.float32) * p_odd[None, :]).to(x_ptr.dtype.element_ty)
-            p = tl.load(w_ptr + rn[:, None] * stride_wn + jj[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-            lo = p & 0xF
-            hi = (p >> 4) & 0xF
-            # sign-extend the nibble; int -> fp32 -> x dtype is exact for these small integers
-            lo = ((lo ^ 8) - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
-            hi = ((hi ^ 8) - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
-            part = tl.dot(x_even, tl.trans(lo)) + tl.dot(x_odd, tl.trans(hi))
-            s = tl.load(ws_ptr + rn * stride_wsn + g, mask=n_ok, other=0.0)
-            acc += part * s[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        rj = tl.arange(0, BLOCK_J)
+        rm = tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N) if DOT else (BLOCK_N,), dtype=tl.float32)
+        for j0 in range(0, CHUNK, BLOCK_J):
+            jj = pid_k * CHUNK + j0 + rj
+            w = tl.load(w_ptr + rn[:, None] * KW + jj[None, :], mask=n_ok[:, None], other=0)
+            s = tl.load(ws_ptr + rn[:, None] * NG + (jj // GW)[None, :], mask=n_ok[:, None], other=0.0)
+            if DOT:
+                # dequantize to x's dtype (q * scale in fp32, rounded once: the reference's weight), put the 8
+                # nibbles of a word back in k order (join is register-local), one tensor-core dot
+                dt = x_ptr.dtype.element_ty
+                a = tl.join(tl.join((_nibble(w, 0) * s).to(dt), (_nibble(w, 4) * s).to(dt)),
+                            tl.join((_nibble(w, 2) * s).to(dt), (_nibble(w, 6) * s).to(dt)))
+                b = tl.join(tl.join((_nibble(w, 1) * s).to(dt), (_nibble(w, 5) * s).to(dt)),
+                            tl.join((_nibble(w, 3) * s).to(dt), (_nibble(w, 7) * s).to(dt)))
+                tile = tl.reshape(tl.join(a, b), (BLOCK_N, BLOCK_J * 8))
+                rk = (pid_k * CHUNK + j0) * 8 + tl.arange(0, BLOCK_J * 8)
+                xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
+                acc += tl.dot(xt, tl.trans(tile))
+            else:  # M = 1: fp32 FMAs, the group scale applied once per word
+                xb = x_ptr + 8 * jj
+                part = _nibble(w, 0) * tl.load(xb).to(tl.float32)[None, :]
+                part += _nibble(w, 1) * tl.load(xb + 1).to(tl.float32)[None, :]
+                part += _nibble(w, 2) * tl.load(xb + 2).to(tl.float32)[None, :]
+                part += _nibble(w, 3) * tl.load(xb + 3).to(tl.float32)[None, :]
+                part += _nibble(w, 4) * tl.load(xb + 4).to(tl.float32)[None, :]
+                part += _nibble(w, 5) * tl.load(xb + 5).to(tl.float32)[None, :]
+                part += _nibble(w, 6) * tl.load(xb + 6).to(tl.float32)[None, :]
+                part += _nibble(w, 7) * tl.load(xb + 7).to(tl.float32)[None, :]
+                acc += tl.sum(part * s, axis=1)
+        out = y_ptr + pid_k * M * N  # split k's partial sums: [SPLIT_K, M, N] fp32, summed by the caller
+        if DOT:
+            tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(out + rn, acc, mask=n_ok)
 
 
 def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale: torch.Tensor | None,
@@ -204,17 +300,19 @@ def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale
     return y
 
 
-def _launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int,
-               pqs: torch.Tensor | None) -> torch.Tensor:
+def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int,
+              cfg: W4Config | None = None) -> torch.Tensor:
+    """The kernel's partial sums [split_k, M, N] under `cfg` (default: w4_config's; bench/w4a16_tune.py sets it)."""
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, MAX_M))
-
-    _w4_kernel[grid](x, w, w_scale, pqs if pqs is not None else w_scale, y, m, n, k, x.stride(0), w.stride(0),
-                     w_scale.stride(0), y.stride(0), GROUP=group_size, HAS_PQS=pqs is not None, BLOCK_M=MAX_M)
+    cfg = cfg or w4_config(m, n, k, group_size)
+    if (k // 8) % (cfg.split_k * cfg.block_j) or (cfg.dot and cfg.block_n < 16):
+        raise ValueError(f"W4A16 config {cfg} does not fit K = {k} (fit_w4_config makes it fit)")
+    y = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    _w4_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+        x, w.view(torch.int32), w_scale, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k,
+        DOT=cfg.dot, BLOCK_M=MAX_M, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, num_warps=cfg.warps,
+        num_stages=cfg.stages)
     return y
 
 
@@ -234,16 +332,29 @@ def _(x, w, w_scale, in_scale=None, out_dtype=None):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype or x.dtype)
 
 
-@torch.library.custom_op("quantkit::w4_gemm", mutates_args=())
-def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int,
-            pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(w)^T for K-packed int4 weights [N, K/2] with fp32 group scales [N, K/group]."""
-    return _launch_w4(x.contiguous(), w, w_scale, group_size, pre_quant_scale)
+@torch.library.custom_op("quantkit::w4_gemm_partials", mutates_args=())
+def w4_gemm_partials(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 partial products [split_k, M, N] of x @ dequant(w)^T (K-packed int4 [N, K/2], fp32 group scales
+    [N, K/group]): the caller sums them, so that under torch.compile the sum and the cast fuse into what follows."""
+    return launch_w4(x.contiguous(), w, w_scale, group_size)
 
 
-@w4_gemm.register_fake
-def _(x, w, w_scale, group_size, pre_quant_scale=None):
-    return x.new_empty((x.shape[0], w.shape[0]))
+@w4_gemm_partials.register_fake
+def _(x, w, w_scale, group_size):
+    m, k = x.shape
+    return x.new_empty((w4_config(m, w.shape[0], k, group_size).split_k, m, w.shape[0]), dtype=torch.float32)
+
+
+def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y = x @ dequant(w)^T in x's dtype (see w4_gemm_partials); x already multiplied by any pre-quant scale."""
+    parts = w4_gemm_partials(x, w, w_scale, group_size)
+    return (parts[0] if parts.shape[0] == 1 else parts.sum(0)).to(x.dtype)
+
+
+def w4_supported(in_features: int, group_size: int) -> bool:
+    """The kernel reads whole int32 words of 8 nibbles that never straddle a group, at least two per step (the
+    tensor-core dot needs 16 k)."""
+    return in_features % 16 == 0 and group_size % 8 == 0 and in_features % group_size == 0
 
 
 @torch.library.custom_op("quantkit::dequant_int8", mutates_args=())
