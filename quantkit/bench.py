@@ -304,11 +304,14 @@ class Generator:
             out[:, i : i + 1].copy_(self.tok)
         return out
 
-    def profile(self, steps: int, top: int = 20) -> list[dict[str, Any]]:
-        """The GPU kernels of a decode step (torch.profiler over `steps` steps, graph replays included): per
-        kernel name, microseconds and launches per step, the `top` longest first, plus the sum of the rest."""
+    def profile(self, ids: torch.Tensor, steps: int, top: int = 20) -> list[dict[str, Any]]:
+        """The GPU kernels of a decode step (torch.profiler over `steps` steps right after prefilling `ids`, graph
+        replays included): per kernel name, microseconds and launches per step, the `top` longest first, plus the
+        sum of the rest."""
         from torch.profiler import ProfilerActivity, profile
 
+        self.prefill(ids)  # the cache holds input + output tokens: start where a generate starts
+        _sync(self.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             self.decode(steps)
             _sync(self.device)
@@ -418,7 +421,7 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
                 "first_tokens": tokens[0, :8].tolist() if tokens is not None else [],
             }
             if profile_steps and on_cuda:
-                row["step_kernels"] = gen.profile(profile_steps)
+                row["step_kernels"] = gen.profile(ids, profile_steps)
             result["results"].append(row)
             log.info("batch %d: prefill %.0f tok/s, decode %.1f tok/s, ttft %.3f s", b, row["prefill_tok_s"],
                      row["decode_tok_s"] or 0.0, ttft)

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import libs, triton_gemm
+from quantkit.kernels import libs, triton_attention, triton_gemm
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,20 @@ def kernel_origin(kernel: str) -> str:
 REGIMES = ("m1", "decode", "prefill")  # M = 1 (only where it differs from decode), M <= 16, M > 16
 
 
+def int4_decode_plan(triton_kernel: str | None, tinygemm: str | None, n: int, k: int, fallback: str) -> dict[str, str]:
+    """int4 decode kernels per regime (m1: M = 1, decode: M = 2..16) for an n x k layer: quantkit's Triton W4A16
+    where bench/w4a16_tune.py measured it faster than tinygemm on this shape (kernels/w4a16_configs.json), tinygemm
+    elsewhere; whichever of the two is available (None: not here), else `fallback`. "m1" only where it differs."""
+    plan = {}
+    for regime, m in (("m1", 1), ("decode", 8)):
+        faster = triton_gemm.w4_beats_tinygemm(m, n, k)
+        order = [triton_kernel, tinygemm] if faster or tinygemm is None else [tinygemm, triton_kernel]
+        plan[regime] = next((c for c in order if c), fallback)
+    if plan["m1"] == plan["decode"]:
+        plan.pop("m1")
+    return plan
+
+
 # ----------------------------------------------------------------------------- the quantized linear module
 
 
@@ -388,16 +402,7 @@ class QuantLinear(nn.Module):
             if choice != "measured":
                 order = {"tinygemm": [tiny, tri], "triton": [tri, tiny], "dequant": []}[choice]
                 return {"decode": next((c for c in order if c), w4), "prefill": w4}
-            plan = {}
-            for regime, m in (("m1", 1), ("decode", 8)):
-                # the Triton kernel where bench/w4a16_tune.py measured it faster than tinygemm on this shape
-                # (kernels/w4a16_configs.json), tinygemm elsewhere
-                faster = triton_gemm.w4_beats_tinygemm(m, self.out_features, self.in_features)
-                order = [tri, tiny] if faster or tiny is None else [tiny, tri]
-                plan[regime] = next((c for c in order if c), w4)
-            if plan["m1"] == plan["decode"]:
-                plan.pop("m1")
-            return {**plan, "prefill": w4}
+            return {**int4_decode_plan(tri, tiny, self.out_features, self.in_features, w4), "prefill": w4}
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
 
     def _plan_libraries(self, dev: torch.device) -> None:
@@ -773,8 +778,10 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         value = fake_fp8(value, module.quantkit_v_scale)
     b, hq, s, d = query.shape
     hkv = key.shape[1]
-    if _flex_decode(query, attention_mask, dropout, kwargs):
-        return flex_decode_attention(query, key, value, attention_mask, scaling), None
+    if _triton_decode(query, key, attention_mask, dropout, kwargs):
+        keep = attention_mask[:, 0, -1]  # [b, L]: the query token's row
+        out = triton_attention.decode_attention(query, key, value, keep, scaling or d**-0.5)
+        return out.transpose(1, 2).contiguous(), None
     if hkv == hq or (attention_mask is None and s > 1) or dropout > 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
@@ -789,32 +796,15 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.reshape(b, hq, s, d).transpose(1, 2).contiguous(), None
 
 
-def _flex_decode(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
-    """Decode attention through FlexAttention: one query token, a boolean mask, inside torch.compile (eager flex
-    is a slow reference), no logit softcap or attention sinks (not expressed here); on CUDA by default
-    (QUANTKIT_DECODE_ATTENTION=sdpa|flex overrides, e.g. to test the flex path on CPU)."""
-    choice = os.environ.get("QUANTKIT_DECODE_ATTENTION", "flex" if query.is_cuda else "sdpa")
-    return (choice == "flex" and query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool
-            and dropout == 0 and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
-            and torch.compiler.is_compiling())
-
-
-def flex_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                          scaling: float | None) -> torch.Tensor:
-    """Attention of one query token over the static cache with torch's FlexAttention, whose decode kernel splits
-    the cache length over many programs and reads each K/V head once for its group of query heads (SDPA's
-    kernel runs one program per K/V head at this size: 8 programs for Llama-3-8B at batch 1). The boolean mask
-    [b, 1, 1, L] (True = attend; sliding windows included) is applied as a score modification."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    keep = mask[:, 0, -1]  # [b, L]
-
-    def masked(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor):
-        return torch.where(keep[b, kv], score, -float("inf"))
-
-    out = flex_attention(query, key, value, score_mod=masked, scale=scaling,
-                         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous()
+def _triton_decode(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+                   kwargs: dict[str, Any]) -> bool:
+    """Decode attention on kernels/triton_attention.py: one query token, a boolean mask, no logit softcap or
+    attention sinks (not expressed there), on CUDA (QUANTKIT_DECODE_ATTENTION=sdpa|triton overrides, e.g. to run
+    it under the Triton interpreter on CPU)."""
+    choice = os.environ.get("QUANTKIT_DECODE_ATTENTION", "triton" if query.is_cuda else "sdpa")
+    return (choice == "triton" and mask is not None and mask.dtype == torch.bool and dropout == 0
+            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+            and triton_attention.supported(query, key) and triton_gemm.available(query.device))
 
 
 def use_quantkit_attention(model: nn.Module) -> str:

@@ -76,27 +76,6 @@ def test_compiled_decode_gives_the_eager_tokens(kind: str, scope: str, layer_kin
     assert compile_counters()["graphs"] == after["graphs"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_flex_decode_attention_gives_the_eager_tokens(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The decode step's attention through FlexAttention (the CUDA default, forced here on CPU) inside the
-    compiled layer decodes the eager SDPA loop's tokens; mistral: its sliding-window mask goes through too."""
-    import quantkit.runtime as rt
-
-    traced = []
-    flex = rt.flex_decode_attention
-    monkeypatch.setattr(rt, "flex_decode_attention", lambda *a: traced.append(1) or flex(*a))
-    model = _model(kind)
-    fuse_projections(model)
-    use_quantkit_attention(model)
-    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-    eager, _ = _tokens(model, ids, CPU, "none")
-    assert not traced  # eager: SDPA (flex runs only inside torch.compile)
-    monkeypatch.setenv("QUANTKIT_DECODE_ATTENTION", "flex")
-    compiled, _ = _tokens(model, ids, CPU, "layers")
-    assert traced  # traced into the layer graph
-    assert torch.equal(compiled, eager) and len(set(eager.flatten().tolist())) > 3
-
-
 def test_bench_model_records_scope_graphs_and_compile_time() -> None:
     model = _model("int4_awq")
     bench = BenchSection(batch_sizes=[1, 2], input_len=8, output_len=6, warmup=0, repeats=1)
