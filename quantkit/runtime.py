@@ -38,8 +38,10 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
   (0.46x); quantkit's Triton W8A8 168 us at M=1 with the eager quantization (W8A16, same kernel without it: 104
   us, 1.29x). In the whole model (compiled, fused q/k/v): 1.33x of bf16 at batch 1. Prefill: _int_mm (1492 us)
   beat dequantize-then-cuBLAS (1595 us).
-- int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 339 us
-  (kept only as the fallback); prefill: one-pass Triton dequantization + cuBLAS 920 us (0.74x), torch ops 5.1 ms.
+- int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 is the
+  fallback (rewritten 2026-12-01: still 0.62-0.79x of tinygemm per 8B shape at M=1, bench/w4a16_tune.py; the plan
+  per shape and regime follows kernels/w4a16_configs.json, `int4_decode_plan`); prefill: one-pass Triton
+  dequantization + cuBLAS 920 us (0.74x), torch ops 5.1 ms.
 | format      | CUDA, M <= 16 (decode)                           | CUDA, M > 16 (prefill)                 | CPU     |
 |-------------|--------------------------------------------------|----------------------------------------|---------|
 | fp8, fp8_pt | torch._scaled_mm (sm89+; M padded to 16; row-wise | torch._scaled_mm                       | dequant |
@@ -62,6 +64,12 @@ fake-quantized exactly as ModelOpt does. "triton_dequant" is the same arithmetic
 Triton pass (quantkit::dequant_int8/int4). Every Triton kernel and tinygemm is self-checked once per device
 against the torch reference before a plan uses it; a kernel that fails falls back to the next choice.
 `fuse_projections` (used by the bench) runs q/k/v and gate/up as one GEMM each.
+
+Attention (`gqa_sdpa_attention`, installed by `use_quantkit_attention`): a decode step (one query token, boolean
+mask) on CUDA runs quantkit's split-cache Triton kernel (kernels/triton_attention.py: 0.70 ms of a 5.51 ms bf16
+Llama-3.1-8B step saved on an H200 against SDPA); prefill, CPU and what that kernel does not take run SDPA with
+the query heads of a group folded into the query axis (no repeat_kv copies). QUANTKIT_DECODE_ATTENTION=sdpa|triton
+overrides.
 """
 
 from __future__ import annotations
@@ -764,7 +772,8 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     transformers' sdpa path copies every K/V head n_rep times (repeat_kv) whenever there is a mask, which a static
     cache always has: at decode that is 4 extra passes over the cache per layer (Llama-3-8B: n_rep = 4). Here the
     n_rep query heads of a group are folded into the query-length axis instead (the mask repeated to match),
-    which computes exactly the same attention.
+    which computes exactly the same attention. A decode step on CUDA runs kernels/triton_attention.py instead
+    (`_triton_decode` says when): split along the cache, each K/V head read once for its group of query heads.
 
     FP8 KV cache (checkpoint `k_scale` / `v_scale`, amax/448): K and V are FP8 quantize-dequantized here, on the
     full K/V handed to attention, which is where ModelOpt's fake-quantized model applies them. This gives the
@@ -779,8 +788,8 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     b, hq, s, d = query.shape
     hkv = key.shape[1]
     if _triton_decode(query, key, attention_mask, dropout, kwargs):
-        keep = attention_mask[:, 0, -1]  # [b, L]: the query token's row
-        out = triton_attention.decode_attention(query, key, value, keep, scaling or d**-0.5)
+        keep = attention_mask[:, 0, -1].expand(b, -1)  # [b, L]: the query token's row (a batch-1 mask broadcast)
+        out = triton_attention.decode_attention(query, key, value, keep, d**-0.5 if scaling is None else scaling)
         return out.transpose(1, 2).contiguous(), None
     if hkv == hq or (attention_mask is None and s > 1) or dropout > 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -14,21 +14,28 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
     every program, which made the first version ALU-bound); int8 tensor-core dot with int32 accumulation, then
     scaled by in_scale * w_scale[n].
     in_scale None (INT8 weight-only): int8 weights converted to x's dtype in registers, fp32 accumulation.
-- `w4_gemm(x, w_packed, w_scale, group_size, pre_quant_scale=None)`: INT4 block-wise weight-only. Weights in
-    quantkit's K-packed layout (`pack_int4_k`): byte [n, j] holds k = 2j in the low nibble and k = 2j + 1 in the
-    high nibble, signed two's complement in [-8, 7]. One group per inner step: two dots (even / odd k) of the
-    integer nibbles, then the fp32 group scale is applied to the partial sum.
-
+- `w4_gemm(x, w_packed, w_scale, group_size)`: INT4 block-wise weight-only (x already multiplied by any AWQ
+    pre-quant scale). Weights in quantkit's K-packed layout (`pack_int4_k`): byte [n, j] holds k = 2j in the low
+    nibble and k = 2j + 1 in the high nibble, signed two's complement in [-8, 7], read as int32 words of 8 nibbles
+    (nibble i of word j is k = 8j + i). A nibble becomes fp32 by a bit trick ((v + 8) | bits(2**23), read as fp32,
+    minus 2**23 + 8: exact), not an int-to-float conversion. M = 1: fp32 FMAs, the group scale applied once per word;
+    M <= 16: each word's 8 nibbles dequantized (q * scale in fp32, rounded once to x's dtype: the reference's weight)
+    and put back in k order for one tensor-core dot. The kernel writes split-K partial sums [split_k, M, N] in fp32
+    (`w4_gemm_partials`, a custom op) and `w4_gemm` sums them with torch, so under torch.compile the sum and the
+    cast fuse into the next kernel. Launch settings per shape: `w4a16_configs.json` (bench/w4a16_tune.py), else a
+    default split to about two programs per SM.
 - `dequant_int8(w, w_scale, dtype)`, `dequant_int4(w_packed, w_scale, group_size, dtype)`: one pass that writes the
     dequantized weight (w * scale in fp32, rounded once to dtype, as the fake quantizer computes it), for prefill
     (big M), where the GEMM itself then runs on cuBLAS.
 
 Measured on an H200 (bench/kernels.py, 2026-11-26, the 7 GEMMs of a Llama-3.1-8B decoder layer at M=1, vs bf16
 cuBLAS 134 us): the first W8A8 version, quantizing x inside every program, took 144 us while the same kernel
-without it (W8A16) took 104 us (1.29x); hence the caller quantizes x. The W4A16 kernel (one group per step,
-nibble unpacking in registers) took 339 us, so int4 decode uses tinygemm (79 us) and this kernel is the fallback.
-Not tuned further: no split-K, a handful of autotuned tile shapes; W8A16 streams ~2.1 TB/s of weights where cuBLAS
-bf16 streams ~3.3 TB/s, so there is headroom.
+without it (W8A16) took 104 us (1.29x); hence the caller quantizes x. W8A16 streams ~2.1 TB/s of weights where cuBLAS
+bf16 streams ~3.3 TB/s (no split-K, a handful of autotuned tile shapes). The W4A16 kernel as rewritten and tuned
+(bench/w4a16_tune.py, H200, 2026-12-01, bench/RESULTS.md) takes 0.62-0.79x of tinygemm's speed at M = 1 and
+0.42-0.75x at M = 8 on the 8B shapes (e.g. gate/up 28672 x 4096: 53 vs 33 us at M = 1), so int4 decode runs
+tinygemm wherever it can (runtime.int4_decode_plan reads the table) and this kernel is the fallback: float16 /
+float32 models, or shapes where the table says it wins.
 
 The kernels run under TRITON_INTERPRET=1 on CPU as well (that is how CI checks them when Triton is installed;
 the interpreter mishandles int -> bf16, so those checks run in float32). They are registered as torch custom ops
