@@ -9,8 +9,12 @@ import inspect
 import io
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -386,6 +390,32 @@ def _check_budget(target: float, floor: float, candidates: list[str]) -> None:
             fix=f"set quantize.effective_bits to {floor:.2f} or more, or add a smaller format to quantize.candidates")
 
 
+def auto_search_dir() -> Path:
+    """Where method auto keeps ModelOpt's search state (per-candidate calibration and layer scores) for reuse."""
+    from quantkit.models import cache_dir
+
+    return cache_dir() / "auto_search"
+
+
+def _auto_search_file(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet,
+                      configs: dict[str, Any]) -> Path:
+    """The search state's file, named by everything the search depends on and nothing it does not: the weights
+    (exact bit sums), dtype and config of the model, the calibration tokens and batching, the candidates' ModelOpt
+    configs, the exclusions and the ModelOpt version. Not the budget: the search scores every candidate on every
+    layer, the budget only selects among them, so runs of one model at other effective bits reuse it."""
+    import hashlib
+    import importlib.metadata
+
+    from quantkit.resume import weight_checksums
+    from quantkit.runfolder import fingerprint
+
+    ids = hashlib.sha256(calib.input_ids.cpu().numpy().tobytes()).hexdigest()
+    dtype = str(next(model.parameters()).dtype)
+    key = fingerprint(weight_checksums(model), dtype, model.config.to_dict(), ids, calib.batch_size, repr(configs),
+                      sorted(section.exclude), importlib.metadata.version("nvidia-modelopt"))
+    return auto_search_dir() / f"{key}.pth"
+
+
 def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib: CalibrationSet | None,
                         counter: ForwardCounter | None = None) -> torch.nn.Module:
     """Method `auto`: `mtq.auto_quantize` picks a format per layer group under the effective-bits budget.
@@ -393,6 +423,8 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
     The budget counts the quantized layers only (`exclude`d ones such as lm_head stay 16-bit outside it; ModelOpt
     counts them, so the target is converted). The searched model is calibrated once more with the INT4 candidate's
     own algorithm. The choice is left on `model.quantkit_auto_quantize` (the pipeline writes it to the run folder).
+    The search state is kept in `auto_search_dir()` and reused by runs that differ only in the budget
+    (`_auto_search_file`), so a sweep over effective bits searches once.
     """
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.algorithms import QuantRecipe, _resolve_best_recipe
@@ -420,13 +452,29 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
         counter.batches += 1
         return m(input_ids=batch.to(device), labels=batch.to(device))
 
+    # ModelOpt saves the search as it goes (after calibrating the candidates, after scoring) and restores what a
+    # checkpoint holds: it works on a private copy, which replaces the shared file only once the search is complete
+    search = _auto_search_file(model, section, calib, configs)
+    reused = search.is_file()
+    search.parent.mkdir(parents=True, exist_ok=True)
+    work = search.with_name(f"{search.stem}.{os.getpid()}.tmp")
+    if reused:
+        shutil.copyfile(search, work)
+        log.info("auto: reusing the search of an earlier run (%s)", search)
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        model, state = mtq.auto_quantize(
-            model, constraints={"effective_bits": 16.0}, quantization_formats=list(configs.values()),
-            data_loader=batches, forward_step=forward_step, loss_func=lambda out, _: out.loss,
-            disabled_layers=[f"*{p}*" for p in section.exclude], num_calib_steps=len(batches),
-            num_score_steps=len(batches))
+    try:
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            # a first search has no state to restore yet: ModelOpt warns about the missing file
+            warnings.filterwarnings("ignore", message=r"(Per-rank checkpoint|Checkpoint) .* (not found|does not exist)")
+            model, state = mtq.auto_quantize(
+                model, constraints={"effective_bits": 16.0}, quantization_formats=list(configs.values()),
+                data_loader=batches, forward_step=forward_step, loss_func=lambda out, _: out.loss,
+                disabled_layers=[f"*{p}*" for p in section.exclude], num_calib_steps=len(batches),
+                num_score_steps=len(batches), checkpoint=str(work))
+        if work.is_file():
+            os.replace(work, search)
+    finally:
+        work.unlink(missing_ok=True)
     if hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()  # auto_quantize switches it on for the gradient scores
     stats = state["candidate_stats"]
@@ -463,6 +511,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
         "effective_bits_target": target, "effective_bits": round(16 * cost / quantized, 4),
         "bits_counted_over": "quantized (non-excluded) linear weights", "floor_bits": round(floor, 4),
         "candidates": settings["candidates"], "calibration": cfg["algorithm"], "gptq_act_order": act_order,
+        "search": {"reused": reused, "state": str(search)},
         "layer_counts": counts,
         "layers": layers,
     }

@@ -16,6 +16,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _auto_search_in_tmp(tmp_path_factory):
+    """Method auto's reusable search state goes to a folder of this test session, not the user's cache."""
+    from quantkit import quantize
+
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("auto_search")
+        mp.setattr(quantize, "auto_search_dir", lambda: path)
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The bundled real model, converted once from GGUF into the cache."""

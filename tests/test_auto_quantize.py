@@ -205,3 +205,32 @@ def test_final_gptq_runs_the_int4_layers_in_activation_order(monkeypatch) -> Non
     int4 = {n for n, m in choice["layers"].items() if m == "int4_gptq"}
     assert int4 and set(choice["layers"].values()) - {"int4_gptq"}  # a mix, so the FP8 side is exercised
     assert {n for n, m in model.named_modules() if id(m) in ordered} == int4
+
+
+def test_another_budget_reuses_the_search_and_chooses_what_a_fresh_search_chooses(tmp_path, monkeypatch) -> None:
+    """The search state (candidate calibration, layer scores) does not depend on the budget: a second run of the
+    same model and data at other effective bits restores it instead of searching again, and picks exactly the
+    layers a search from scratch at that budget picks. Other calibration data is another search."""
+    from quantkit import quantize as qz
+
+    def run(bits: float, folder: str, ids: torch.Tensor = IDS) -> tuple[dict, int]:
+        monkeypatch.setattr(qz, "auto_search_dir", lambda: tmp_path / folder)
+        counter = ForwardCounter()
+        model = quantize_model(tiny_llama(), QuantizeSection(method="auto", block_size=64, effective_bits=bits),
+                               CalibrationSet(ids, 4, "test"), counter)
+        return model.quantkit_auto_quantize, counter.batches
+
+    first, passes_first = run(8.0, "shared")
+    second, passes_second = run(5.0, "shared")
+    fresh, passes_fresh = run(5.0, "fresh")
+    assert not first["search"]["reused"] and second["search"]["reused"] and not fresh["search"]["reused"]
+    assert second["layers"] == fresh["layers"] and second["effective_bits"] == fresh["effective_bits"]
+    assert first["layers"] != second["layers"]  # the budgets really select differently
+    # the search: each of the 2 candidates calibrated on every batch, then one scoring pass over them; reused, only
+    # the final (layer-wise) calibration of the chosen formats is left
+    batches = len(IDS) // 4
+    assert passes_first == passes_fresh and passes_first - passes_second == (2 + 1) * batches
+    assert [p.suffix for p in (tmp_path / "shared").iterdir()] == [".pth"]  # one complete state, no temporary
+    other = torch.randint(0, 256, IDS.shape, generator=torch.Generator().manual_seed(2))
+    assert not run(5.0, "shared", other)[0]["search"]["reused"]
+    assert len(list((tmp_path / "shared").iterdir())) == 2
