@@ -404,15 +404,14 @@ def _auto_search_file(model: torch.nn.Module, section: QuantizeSection, calib: C
     configs, the exclusions and the ModelOpt version. Not the budget: the search scores every candidate on every
     layer, the budget only selects among them, so runs of one model at other effective bits reuse it."""
     import hashlib
-    import importlib.metadata
 
     from quantkit.resume import weight_checksums
-    from quantkit.runfolder import fingerprint
+    from quantkit.runfolder import fingerprint, tool_versions
 
     ids = hashlib.sha256(calib.input_ids.cpu().numpy().tobytes()).hexdigest()
     dtype = str(next(model.parameters()).dtype)
     key = fingerprint(weight_checksums(model), dtype, model.config.to_dict(), ids, calib.batch_size, repr(configs),
-                      sorted(section.exclude), importlib.metadata.version("nvidia-modelopt"))
+                      sorted(section.exclude), tool_versions().get("nvidia-modelopt"))
     return auto_search_dir() / f"{key}.pth"
 
 
