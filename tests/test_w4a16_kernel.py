@@ -66,9 +66,9 @@ def test_launch_settings_fit_every_k() -> None:
                 assert cfg.block_j & (cfg.block_j - 1) == 0 and cfg.block_j >= 2  # a power of two; dot needs 16 k
     assert tg.w4_supported(4096, 128) and not tg.w4_supported(4104, 8) and not tg.w4_supported(4096, 12)
     # an untuned shape splits K until there are enough programs for a large GPU, never below one block per split
-    cfg = tg.w4_config(1, 1024, 4096, 128)
+    cfg = tg.w4_config(1, 1024, 4096)
     assert cfg.split_k > 1 and -(-1024 // cfg.block_n) * cfg.split_k >= 256
-    assert tg.w4_config(1, 64, 128, 64).split_k == 1
+    assert tg.w4_config(1, 64, 128).split_k == 1
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_the_int4_plan_follows_the_measured_table(table) -> None:
            "decode": {"6144x4096": {"config": {**cfg, "dot": True, "block_n": 32}, "us": 50.0, "tinygemm_us": 40.0}}})
     assert tg.w4_beats_tinygemm(1, 6144, 4096) is True and tg.w4_beats_tinygemm(8, 6144, 4096) is False
     assert tg.w4_beats_tinygemm(1, 4096, 4096) is None  # not tuned
-    assert tg.w4_config(1, 6144, 4096, 128) == tg.W4Config(**cfg)  # the table's settings, as measured
+    assert tg.w4_config(1, 6144, 4096) == tg.W4Config(**cfg)  # the table's settings, as measured
     plan = runtime.int4_decode_plan("triton_w4a16", "tinygemm", 6144, 4096, "triton_dequant")
     assert plan == {"m1": "triton_w4a16", "decode": "tinygemm"}
     # an untuned shape keeps tinygemm; without tinygemm (not bf16, no CUDA) the Triton kernel, else the fallback
@@ -105,6 +105,6 @@ def test_the_shipped_table_parses_and_fits() -> None:
         assert regime in ("m1", "decode")
         for shape in rows:
             n, k = (int(v) for v in shape.split("x"))
-            cfg = tg.w4_config(1 if regime == "m1" else 8, n, k, 128)
+            cfg = tg.w4_config(1 if regime == "m1" else 8, n, k)
             assert cfg == tg.fit_w4_config(cfg, k)  # tuned settings need no fitting
             assert regime == "decode" or not cfg.dot or cfg.block_n >= 16

@@ -3,8 +3,9 @@
 Why our own kernel: at decode the step attends one token to the whole static cache. PyTorch's SDPA with a mask
 runs the memory-efficient kernel with one program per (batch, K/V head) once the query heads of a group are folded
 into the query axis (runtime.gqa_sdpa_attention): 8 programs for Llama-3-8B at batch 1, each streaming 1152 keys
-and values, about 28 us per layer on an H200 (bench/RESULTS.md: the bf16 step lost 0.9 ms to it). FlexAttention
-compiled into the layer ran its prefill template for a single query, 60 us per layer (the same table). This is
+and values: against this kernel the bf16 Llama-3.1-8B step on an H200 took 0.70 ms longer (5.51 vs 4.81 ms, 22 us
+per layer; bench/RESULTS.md). FlexAttention compiled into the layer ran its prefill template for a single query,
+60 us per layer (the same section). This is
 flash-decoding: the cache length is split over many programs, each computing its chunk's softmax statistics
 (running max m, sum l) and weighted values for the G query heads of one K/V head (a tensor-core dot with G padded to
 16, so each K/V head is read once per group); `decode_attention` combines the chunks with torch ops, which

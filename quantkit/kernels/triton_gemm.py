@@ -140,21 +140,19 @@ def _pow2_divisor(n: int) -> int:
 
 
 @functools.cache
-def w4_config(m: int, n: int, k: int, group: int) -> W4Config:
-    """The tuned settings for this shape (w4a16_configs.json, measured by bench/w4a16_tune.py), else the default,
-    made valid for K: split_k divides the K/8 words and BLOCK_J is a power of two dividing each split's words."""
+def w4_config(m: int, n: int, k: int) -> W4Config:
+    """The tuned settings for this shape (w4a16_configs.json, measured by bench/w4a16_tune.py), else the default
+    split along K to about _W4_MIN_PROGRAMS programs; either made valid for K by fit_w4_config."""
     regime = w4_regime(m)
     row = _w4_table()[regime].get(f"{n}x{k}")
-    cfg = row.config if row is not None else None
-    words = k // 8
-    if cfg is None:
-        cfg = _W4_DEFAULT[regime]
-        split = 1
-        while (-(-n // cfg.block_n)) * split < _W4_MIN_PROGRAMS and words % (2 * split) == 0 \
-                and words // (2 * split) >= cfg.block_j:
-            split *= 2
-        cfg = replace(cfg, split_k=split)
-    return fit_w4_config(cfg, k)
+    if row is not None:
+        return fit_w4_config(row.config, k)
+    cfg = _W4_DEFAULT[regime]
+    words, split = k // 8, 1
+    while (-(-n // cfg.block_n)) * split < _W4_MIN_PROGRAMS and words % (2 * split) == 0 \
+            and words // (2 * split) >= cfg.block_j:
+        split *= 2
+    return fit_w4_config(replace(cfg, split_k=split), k)
 
 
 def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
@@ -312,7 +310,7 @@ def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_siz
     """The kernel's partial sums [split_k, M, N] under `cfg` (default: w4_config's; bench/w4a16_tune.py sets it)."""
     m, k = x.shape
     n = w.shape[0]
-    cfg = cfg or w4_config(m, n, k, group_size)
+    cfg = cfg or w4_config(m, n, k)
     if (k // 8) % (cfg.split_k * cfg.block_j) or (cfg.dot and cfg.block_n < 16):
         raise ValueError(f"W4A16 config {cfg} does not fit K = {k} (fit_w4_config makes it fit)")
     y = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
@@ -349,7 +347,7 @@ def w4_gemm_partials(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, gr
 @w4_gemm_partials.register_fake
 def _(x, w, w_scale, group_size):
     m, k = x.shape
-    return x.new_empty((w4_config(m, w.shape[0], k, group_size).split_k, m, w.shape[0]), dtype=torch.float32)
+    return x.new_empty((w4_config(m, w.shape[0], k).split_k, m, w.shape[0]), dtype=torch.float32)
 
 
 def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> torch.Tensor:
