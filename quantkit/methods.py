@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {
         Method(
             "auto", "per-layer formats chosen by ModelOpt auto_quantize under an effective-bits budget",
             # Searched with max calibration (all ModelOpt 0.47 auto_quantize accepts), then calibrated once more
-            # with the chosen INT4 method's algorithm (GPTQ for int4_gptq, in its activation order).
+            # with the INT4 candidate's algorithm (int4_gptq: local_hessian block scales, then GPTQ in act order).
             "auto_quantize", True, frozenset({"exclude", "block_size", "effective_bits", "candidates"}),
             {"block_size": 128, "candidates": ["int4_gptq", "fp8"]}, "MIXED_PRECISION",
         ),
@@ -232,16 +232,20 @@ def auto_candidate_configs(section: QuantizeSection) -> dict[str, dict[str, Any]
     return out
 
 
-def auto_final_algorithm(section: QuantizeSection) -> dict[str, Any] | str:
-    """The calibration of the searched model: the INT4 candidate's algorithm (GPTQ for int4_gptq), else max.
+def auto_final_algorithm(section: QuantizeSection) -> list[dict[str, Any]] | dict[str, Any] | str:
+    """The calibration of the searched model: the INT4 candidate's algorithm (int4_gptq's: its block-scale search,
+    then GPTQ), else max.
 
-    GPTQ here runs on max-calibrated scales: `gptq_scales: local_hessian` needs every enabled quantizer to be an INT4
-    weight quantizer (quantize.kept_weight_scales), and a mixed model has FP8 ones. Its INT4 layers take int4_gptq's
-    activation order (`auto_act_order`); the FP8 ones keep the stored column order (no fixed groups).
+    The scale search (local_hessian) also searches the FP8 layers' per-tensor weight scales, and GPTQ then writes
+    every layer's weights back on its grid, so no exported weight lies outside its scale. Its INT4 layers take
+    int4_gptq's activation order (`auto_act_order`); the FP8 ones keep the stored column order (no fixed groups).
     """
     settings = resolved_settings(section)
     if "int4_gptq" in settings["candidates"]:
-        return gptq_algorithm({**METHODS["int4_gptq"].defaults, "block_size": settings["block_size"]})
+        gptq = {**METHODS["int4_gptq"].defaults, "block_size": settings["block_size"]}
+        if gptq["gptq_scales"] == "local_hessian":
+            return [local_hessian_algorithm(settings["block_size"]), gptq_algorithm(gptq)]
+        return gptq_algorithm(gptq)
     return "max"
 
 

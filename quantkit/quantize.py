@@ -262,24 +262,27 @@ def group_local_gptq(act_order: bool = False):
 
 @contextlib.contextmanager
 def kept_weight_scales(model: torch.nn.Module):
-    """Within: ModelOpt's `max_calibrate` keeps the weight amax `model`'s weight quantizers have now.
+    """Within: ModelOpt's `max_calibrate` keeps the amax `model`'s quantizers have now.
 
     ModelOpt 0.47's `gptq` starts with `max_calibrate` (its "TODO: other scale setting strategies"), which resets
-    the block scales an earlier algorithm searched; GPTQ's update then runs on plain max scales.
+    the block scales an earlier algorithm searched; GPTQ's update then runs on plain max scales. The earlier step
+    (local_hessian) max-calibrated every other quantizer on the same data first, so keeping theirs changes nothing;
+    an enabled static quantizer without an amax is one that step did not calibrate, and is refused.
     """
     from modelopt.torch.quantization import model_calib
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    saved = {id(q) for n, q in model.named_modules()
-             if n.endswith("weight_quantizer") and getattr(q, "is_enabled", False) and q.amax is not None}
+    calibrated = {id(q) for q in model.modules()
+                  if isinstance(q, TensorQuantizer) and q.is_enabled and (q.amax is not None or q._dynamic)}
     original = model_calib.max_calibrate
 
     def max_calibrate(m: torch.nn.Module, forward_loop=None, *args, **kwargs):
-        if any(isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in saved for q in m.modules()):
-            raise QuantkitError("gptq_scales: local_hessian supports weight-only INT4 only (a quantizer other than "
-                                "the searched weight quantizers is enabled)", where="quantize.gptq_scales",
+        missing = [n for n, q in m.named_modules()
+                   if isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in calibrated]
+        if missing:
+            raise QuantkitError(f"gptq_scales: local_hessian left {len(missing)} enabled quantizers uncalibrated "
+                                f"(first: {missing[0]})", where="quantize.gptq_scales",
                                 fix="use gptq_scales: max for this method")
-        # Only searched weight scales here: max calibration would only recompute what the search replaced.
 
     model_calib.max_calibrate = max_calibrate
     try:
@@ -503,7 +506,7 @@ def auto_quantize_model(model: torch.nn.Module, section: QuantizeSection, calib:
             delattr(module, "_amax")
     act_order = auto_act_order(section)
     with contextlib.redirect_stdout(chatter), group_local_gptq(act_order=act_order):
-        model = mtq.quantize(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
+        model = quantize_in_steps(model, cfg, make_forward_loop(calib, counter, desc="calibrate auto"))
     log.debug("modelopt output:\n%s", chatter.getvalue())
     counts = dict(collections.Counter(layers.values()))
     model.quantkit_auto_quantize = {

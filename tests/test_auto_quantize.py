@@ -185,16 +185,20 @@ def test_choose_by_bits_picks_the_fewest_bits_within_the_accuracy_budget() -> No
     assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=1%"]), by="bits").chosen == "base"
 
 
-def test_final_gptq_runs_the_int4_layers_in_activation_order(monkeypatch) -> None:
-    """auto's INT4 layers get int4_gptq's activation order (its default), its FP8 layers the stored column order:
-    the act-order update runs for exactly the layers the search gave int4_gptq."""
+def test_final_gptq_runs_the_int4_layers_in_activation_order_on_searched_scales(monkeypatch) -> None:
+    """auto's INT4 layers get int4_gptq's activation order and block scales (its defaults), its FP8 layers the stored
+    column order: the act-order update runs for exactly the layers the search gave int4_gptq, on local_hessian's
+    searched block amax (max calibration would give each block's |w| max exactly), and those scales are the ones
+    the model keeps."""
     from quantkit import quantize as qz
 
-    ordered: set[int] = set()
+    ordered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     real = qz._update_weights_act_order
 
-    def spy(helper, *args, **kwargs):
-        ordered.add(id(helper.module))  # helper.name is relative to the decoder layer under layer-wise GPTQ
+    def spy(helper, *args, **kwargs):  # helper.name is relative to the decoder layer under layer-wise GPTQ
+        w = helper.module.weight.detach()
+        ordered[id(helper.module)] = (helper.module.weight_quantizer.amax.detach().clone().flatten(),
+                                      w.reshape(w.shape[0], -1, 64).abs().amax(-1).flatten().float())
         return real(helper, *args, **kwargs)
 
     monkeypatch.setattr(qz, "_update_weights_act_order", spy)
@@ -202,9 +206,15 @@ def test_final_gptq_runs_the_int4_layers_in_activation_order(monkeypatch) -> Non
                            CalibrationSet(IDS, 4, "test"))
     choice = model.quantkit_auto_quantize
     assert choice["gptq_act_order"] is True
+    assert [a["method"] for a in choice["calibration"]] == ["local_hessian", "gptq"]
     int4 = {n for n, m in choice["layers"].items() if m == "int4_gptq"}
     assert int4 and set(choice["layers"].values()) - {"int4_gptq"}  # a mix, so the FP8 side is exercised
-    assert {n for n, m in model.named_modules() if id(m) in ordered} == int4
+    mods = dict(model.named_modules())
+    assert {n for n, m in mods.items() if id(m) in ordered} == int4
+    for n in int4:
+        amax, block_max = ordered[id(mods[n])]
+        assert (amax != block_max).float().mean() > 0.5, n  # searched, not max calibration's
+        assert torch.equal(mods[n].weight_quantizer.amax.flatten(), amax), n  # and kept through GPTQ
 
 
 def test_another_budget_reuses_the_search_and_chooses_what_a_fresh_search_chooses(tmp_path, monkeypatch) -> None:
