@@ -204,6 +204,14 @@ def kernel_ok(name: str, device: torch.device) -> bool:
             xt = quantize_int8(x, st)
             got = torch.cat([got, triton_gemm.w8_gemm(xt.to(device), d["w8"], d["ws"], st.reshape(-1).to(device), dt)])
             ref = torch.cat([ref, (xt.float() @ w8.float().t()) * st * ws])
+        elif name == "triton_w8_gemv":  # both weight kinds, both paths, split along K
+            f8 = (w8.float() * 3).to(torch.float8_e4m3fn)
+            xi, xf = quantize_int8(x[:1], s), (x[:1] * 100).to(torch.float8_e4m3fn)
+            got = torch.cat([triton_gemm.launch_w8_gemv(xv.to(device), wv.to(device), cfg).sum(0, keepdim=True)
+                             for xv, wv in ((xi, w8), (xf, f8))
+                             for cfg in (triton_gemm.W8Config(2, False, 16, 64, 4, 2),
+                                         triton_gemm.W8Config(2, True, 16, 64, 4, 2))])
+            ref = torch.cat([xv.float() @ wv.float().t() for xv, wv in ((xi, w8), (xf, f8)) for _ in range(2)])
         elif name == "triton_w8a16":
             got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
             ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
@@ -389,7 +397,7 @@ class QuantLinear(nn.Module):
             rowwise = self.rowwise or self.fmt == "fp8_pt"  # per-token activations need row-wise scaling too
             ok = cuda and _cuda_capability(dev) >= (8, 9) and (not rowwise or fp8_rowwise_ok(dev))
             k = "torch._scaled_mm" if ok else "dequant"
-            return {"decode": k, "prefill": k}
+            return {**self._w8_gemv_plan(dev), "decode": k, "prefill": k}
         w8 = "triton_dequant" if kernel_ok("triton_dequant8", dev) else "dequant"
         if self.fmt in ("int8_sq", "int8_sq_pt"):
             choice = env("QUANTKIT_INT8_DECODE", "triton")
@@ -397,7 +405,7 @@ class QuantLinear(nn.Module):
                       "int_mm": "torch._int_mm", "dequant": "dequant"}[choice]
             # measured at M=1024 (H200): _int_mm 1492 us/layer, dequantize + cuBLAS 1595 us (see the docstring)
             prefill = w8 if not cuda or env("QUANTKIT_INT8_PREFILL", "int_mm") == "dequant" else "torch._int_mm"
-            return {"decode": decode, "prefill": prefill}
+            return {**self._w8_gemv_plan(dev), "decode": decode, "prefill": prefill}
         if self.fmt == "int8_wo":
             ok = env("QUANTKIT_INT8_DECODE", "triton") == "triton" and kernel_ok("triton_w8a16", dev)
             return {"decode": "triton_w8a16" if ok else w8, "prefill": w8}
@@ -412,6 +420,15 @@ class QuantLinear(nn.Module):
                 return {"decode": next((c for c in order if c), w4), "prefill": w4}
             return {**int4_decode_plan(tri, tiny, self.out_features, self.in_features, w4), "prefill": w4}
         return {"decode": "dequant", "prefill": "dequant"}  # w4a8: emulation only
+
+    def _w8_gemv_plan(self, dev: torch.device) -> dict[str, str]:
+        """M = 1 of an 8-bit layer on quantkit's split-K GEMV where bench/w8_tune.py measured it faster than
+        gemlite's A8W8 GEMV on this shape (kernels/w8_gemv_configs.json); libs.CHOICES then keeps it first."""
+        if (triton_gemm.w8_gemv_supported(self.in_features) and triton_gemm.w8_gemv_beats_gemlite(
+                triton_gemm.w8_weight_kind(self.weight), self.out_features, self.in_features)
+                and kernel_ok("triton_w8_gemv", dev)):
+            return {"m1": "triton_w8_gemv"}
+        return {}
 
     def _plan_libraries(self, dev: torch.device) -> None:
         """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads
@@ -535,6 +552,19 @@ class QuantLinear(nn.Module):
         scale = self._act_scale(x, 127.0)
         return quantize_int8(x, scale), scale
 
+    def _8bit_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The activations of an 8-bit layer (fp8 E4M3 or int8, after any pre-quant scale) and their scale."""
+        if self.fmt in ("fp8", "fp8_pt"):
+            return self._fp8_input(x * self.pre_quant_scale if self.pre_quant_scale is not None else x)
+        return self._quantized_input(x)
+
+    def _w8_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """M = 1 on quantkit's 8-bit GEMV: split-K partial sums, summed and scaled here (fused under compile)."""
+        xq, scale = self._8bit_input(x)
+        parts = triton_gemm.w8_gemv_partials(xq, self.weight)
+        acc = parts[0] if parts.shape[0] == 1 else parts.sum(0)
+        return (acc[None, :] * (scale.reshape(-1, 1) * self.weight_scale.reshape(1, -1))).to(x.dtype)
+
     def _library_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The attached library kernel, with quantkit's own activation quantization (kernels/libs.py says why)."""
         lay = self._lib
@@ -545,10 +575,7 @@ class QuantLinear(nn.Module):
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
             return libs.gemlite_gemm(x, args, lay.meta, lay.out_dtype)
-        if self.fmt in ("fp8", "fp8_pt"):
-            xq, scale = self._fp8_input(x * self.pre_quant_scale if self.pre_quant_scale is not None else x)
-        else:
-            xq, scale = self._quantized_input(x)
+        xq, scale = self._8bit_input(x)
         y = libs.gemlite_gemm(xq, args, lay.meta, lay.out_dtype)  # static input scale folded into its scales
         if self.input_scale is None:
             y = y * scale  # per-token [M, 1], on the fp32 output
@@ -581,6 +608,8 @@ class QuantLinear(nn.Module):
             return triton_gemm.w8_gemm(xq, self.weight, self.weight_scale, scale.reshape(-1), x.dtype)
         if kernel == "triton_w8a16":
             return triton_gemm.w8_gemm(x, self.weight, self.weight_scale)
+        if kernel == "triton_w8_gemv":
+            return self._w8_gemv(x)
         if kernel == "triton_w4a16":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale

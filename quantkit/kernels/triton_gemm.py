@@ -164,6 +164,73 @@ def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
     return replace(cfg, split_k=split, block_j=min(cfg.block_j, _pow2_divisor(words // split)))
 
 
+
+@dataclass(frozen=True)
+class W8Config:
+    """Launch settings of the 8-bit GEMV (M = 1, `w8_gemv_partials`) for one (format, N, K): split_k programs
+    along K (partial sums), dot = tensor-core path (the one row padded to 16) or fp32 FMAs, tile BLOCK_N x BLOCK_K
+    bytes of weight."""
+
+    split_k: int
+    dot: bool
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+W8_CONFIG_FILE = Path(__file__).with_name("w8_gemv_configs.json")
+_W8_DEFAULT = W8Config(1, False, 16, 256, 4, 3)
+
+
+@dataclass(frozen=True)
+class W8Tuned:
+    """One row of w8_gemv_configs.json: the fastest config found and what it and gemlite's A8W8 GEMV measured."""
+
+    config: W8Config
+    us: float
+    gemlite_us: float
+
+
+@functools.cache
+def _w8_table() -> dict[str, dict[str, W8Tuned]]:
+    if not W8_CONFIG_FILE.is_file():
+        return {}
+    raw = json.loads(W8_CONFIG_FILE.read_text())
+    return {fmt: {shape: W8Tuned(W8Config(**r["config"]), r["us"], r["gemlite_us"]) for shape, r in rows.items()}
+            for fmt, rows in raw.items()}
+
+
+def w8_weight_kind(w: torch.Tensor) -> str:
+    """The table's key for an 8-bit weight: "fp8" (E4M3) or "int8"."""
+    return "fp8" if w.dtype == torch.float8_e4m3fn else "int8"
+
+
+def w8_gemv_beats_gemlite(kind: str, n: int, k: int) -> bool:
+    """Whether bench/w8_tune.py measured the tuned GEMV faster than gemlite's A8W8 GEMV on this shape (M = 1)."""
+    row = _w8_table().get(kind, {}).get(f"{n}x{k}")
+    return row is not None and row.us < row.gemlite_us
+
+
+@functools.cache
+def w8_config(kind: str, n: int, k: int) -> W8Config:
+    """The tuned settings for this shape (w8_gemv_configs.json), else the default; made valid for K."""
+    row = _w8_table().get(kind, {}).get(f"{n}x{k}")
+    return fit_w8_config(row.config if row is not None else _W8_DEFAULT, k)
+
+
+def fit_w8_config(cfg: W8Config, k: int) -> W8Config:
+    """`cfg` made valid for K: split_k divides K, BLOCK_K is a power of two dividing a split's K (>= 16)."""
+    split = cfg.split_k
+    while split > 1 and (k % split or _pow2_divisor(k // split) < 16):
+        split //= 2
+    return replace(cfg, split_k=split, block_k=min(cfg.block_k, _pow2_divisor(k // split)))
+
+
+def w8_gemv_supported(in_features: int) -> bool:
+    return in_features % 16 == 0
+
+
 if HAVE_TRITON:
 
     # A few hand-picked configs (each is compiled per distinct K): streaming shapes for a memory-bound skinny GEMM.
@@ -290,6 +357,41 @@ if HAVE_TRITON:
             tl.store(out + rn, acc, mask=n_ok)
 
 
+    @triton.jit
+    def _w8_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one activation row x [K] (8-bit, quantized by the caller), 8-bit weights [N, K] row-major: split k's
+        # partial dot products [SPLIT_K, N] in fp32, scaled and summed by the caller
+        CHUNK: tl.constexpr = K // SPLIT_K
+        INT8: tl.constexpr = w_ptr.dtype.element_ty == tl.int8
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rw = tl.minimum(rn, N - 1)  # rows past N read row N - 1 (not stored): no masked fp8 loads
+        rk = tl.arange(0, BLOCK_K)
+        rm = tl.arange(0, 16)
+        if DOT:
+            acc = tl.zeros((16, BLOCK_N), dtype=tl.int32 if INT8 else tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, CHUNK, BLOCK_K):
+            kk = pid_k * CHUNK + k0 + rk
+            w = tl.load(w_ptr + rw[:, None] * K + kk[None, :])
+            if DOT:  # the row repeated 16 times (the dot's smallest M): tensor cores on the 8-bit operands as stored
+                acc += tl.dot(tl.load(x_ptr + rm[:, None] * 0 + kk[None, :]), tl.trans(w))
+            elif INT8:  # int8 -> fp32 by the bit trick (v + 128) | bits(2**23), minus 2**23 + 128: exact
+                wf = (((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0)
+                acc += wf * tl.load(x_ptr + kk).to(tl.float32)[None, :]
+            else:
+                acc += w.to(tl.float32) * tl.load(x_ptr + kk).to(tl.float32)[None, :]
+        if DOT:  # noqa: SIM108 - a Triton constexpr branch
+            part = tl.sum(tl.where((rm == 0)[:, None], acc.to(tl.float32), 0.0), axis=0)
+        else:
+            part = tl.sum(acc, axis=1)
+        tl.store(y_ptr + pid_k * N + rn, part, mask=n_ok)
+
+
 def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
     m, k = x.shape
@@ -354,6 +456,33 @@ def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size:
     """y = x @ dequant(w)^T in x's dtype (see w4_gemm_partials); x already multiplied by any pre-quant scale."""
     parts = w4_gemm_partials(x, w, w_scale, group_size)
     return (parts[0] if parts.shape[0] == 1 else parts.sum(0)).to(x.dtype)
+
+
+def launch_w8_gemv(x: torch.Tensor, w: torch.Tensor, cfg: W8Config | None = None) -> torch.Tensor:
+    """The GEMV's partial sums [split_k, N] (fp32, unscaled) of one 8-bit row x [1, K] against w [N, K]."""
+    n, k = w.shape
+    cfg = cfg or w8_config(w8_weight_kind(w), n, k)
+    if k % (cfg.split_k * cfg.block_k):
+        raise ValueError(f"8-bit GEMV config {cfg} does not fit K = {k} (fit_w8_config makes it fit)")
+    y = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
+    _w8_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+        x, w, y, n, k, SPLIT_K=cfg.split_k, DOT=cfg.dot, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return y
+
+
+@torch.library.custom_op("quantkit::w8_gemv_partials", mutates_args=())
+def w8_gemv_partials(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Split-K partial dot products [split_k, N] fp32 of an 8-bit activation row x [1, K] (int8 or fp8 E4M3, as
+    quantized by the caller) with 8-bit weights w [N, K] of the same kind; the caller sums them and applies the
+    scales, so that under torch.compile both fuse into what follows."""
+    return launch_w8_gemv(x.contiguous(), w)
+
+
+@w8_gemv_partials.register_fake
+def _(x, w):
+    return x.new_empty((w8_config(w8_weight_kind(w), w.shape[0], w.shape[1]).split_k, w.shape[0]),
+                       dtype=torch.float32)
 
 
 def w4_supported(in_features: int, group_size: int) -> bool:
