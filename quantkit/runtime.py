@@ -423,7 +423,13 @@ class QuantLinear(nn.Module):
 
     def _w8_gemv_plan(self, dev: torch.device) -> dict[str, str]:
         """M = 1 of an 8-bit layer on quantkit's split-K GEMV where bench/w8_tune.py measured it faster than
-        gemlite's A8W8 GEMV on this shape (kernels/w8_gemv_configs.json); libs.CHOICES then keeps it first."""
+        gemlite's A8W8 GEMV on this shape (kernels/w8_gemv_configs.json); libs.CHOICES then keeps it first.
+
+        Static activation scales only: with per-token ones the next layer's amax has to sum the split-K partials
+        inside its row reduction, and int8_sq per-token ran slower in the whole 8B model (H200, 3.80 ms per step
+        against 3.50 ms on gemlite alone), though each GEMV is faster by itself; fp8 static gained (3.10 vs 3.44)."""
+        if self.input_scale is None:
+            return {}
         if (triton_gemm.w8_gemv_supported(self.in_features) and triton_gemm.w8_gemv_beats_gemlite(
                 triton_gemm.w8_weight_kind(self.weight), self.out_features, self.in_features)
                 and kernel_ok("triton_w8_gemv", dev)):

@@ -124,6 +124,29 @@ def test_m1_follows_the_measured_table_and_gemlite_keeps_the_rest(table) -> None
     assert libs.choose("int8_sq", int8_own, lambda c: False, big) == int8_own
 
 
+def test_only_static_activation_scales_take_the_gemv(table, monkeypatch) -> None:
+    """A layer whose shape the table says the GEMV wins takes it at M = 1 with a static input scale, and keeps its
+    decode kernel with per-token scales (whose amax would have to sum the split-K partials; measured slower)."""
+    cfg = {"split_k": 2, "dot": False, "block_n": 16, "block_k": 64, "warps": 4, "stages": 3}
+    table({"int8": {"48x256": {"config": cfg, "us": 1.0, "gemlite_us": 2.0},
+                    "48x128": {"config": cfg, "us": 3.0, "gemlite_us": 2.0}},
+           "fp8": {"48x256": {"config": cfg, "us": 1.0, "gemlite_us": 2.0}}})
+    monkeypatch.setattr(runtime, "kernel_ok", lambda name, dev: True)  # as on a GPU where every kernel checks out
+    monkeypatch.setenv("QUANTKIT_KERNEL_LIBS", "none")
+    w8 = torch.randint(-127, 128, (48, 256), dtype=torch.int8)
+
+    def plan(fmt: str, w: torch.Tensor, static: bool) -> dict[str, str]:
+        t = {"weight": w, "weight_scale": torch.full((w.shape[0],), 0.01)}
+        if static:
+            t["input_scale"] = torch.tensor(0.02)
+        return runtime.QuantLinear(fmt, t, w.shape[1], w.shape[0], torch.float32, torch.device("cpu")).kernels
+
+    assert plan("int8_sq", w8, True)["m1"] == "triton_w8_gemv"
+    assert plan("fp8", w8.to(torch.float8_e4m3fn), True)["m1"] == "triton_w8_gemv"
+    assert "m1" not in plan("int8_sq_pt", w8, False) and "m1" not in plan("fp8_pt", w8.to(torch.float8_e4m3fn), False)
+    assert "m1" not in plan("int8_sq", w8[:, :128].contiguous(), True)  # gemlite measured faster on that shape
+
+
 def test_the_shipped_table_parses_and_fits() -> None:
     rows = json.loads(tg.W8_CONFIG_FILE.read_text())
     assert set(rows) <= {"fp8", "int8"}

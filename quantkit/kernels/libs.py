@@ -64,13 +64,13 @@ INT4_ZERO = 8  # gemlite's zero point that turns ModelOpt's signed int4 into its
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     # fp8 prefill stays on quantkit's torch._scaled_mm: in the whole 8B model (bench/llama8b_speed.py, H200)
     # gemlite's A8W8 prefill ran at 15.9k tok/s against 28.7k for _scaled_mm, whatever the isolated GEMM says
-    # M = 1: quantkit's split-K GEMV first where the own plan has it, i.e. where bench/w8_tune.py measured it
-    # faster than gemlite's GEMV on that shape (kernels/w8_gemv_configs.json), else gemlite
+    # M = 1 with static activation scales: quantkit's split-K GEMV first where the own plan has it, i.e. where
+    # bench/w8_tune.py measured it faster than gemlite's GEMV on that shape (kernels/w8_gemv_configs.json), else
+    # gemlite; per-token formats keep gemlite at every M <= 16 (runtime.QuantLinear._w8_gemv_plan says why)
     "fp8": {"m1": ("triton_w8_gemv", "gemlite_a8w8"), "decode": ("gemlite_a8w8",)},
-    "fp8_pt": {"m1": ("triton_w8_gemv", "gemlite_a8w8"), "decode": ("gemlite_a8w8",)},
+    "fp8_pt": {"decode": ("gemlite_a8w8",)},
     "int8_sq": {"m1": ("triton_w8_gemv", "gemlite_a8w8"), "decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
-    "int8_sq_pt": {"m1": ("triton_w8_gemv", "gemlite_a8w8"), "decode": ("gemlite_a8w8",),
-                   "prefill": ("gemlite_a8w8",)},
+    "int8_sq_pt": {"decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
     # int4: M = 1 tinygemm (79 vs 91 us), M = 2..16 gemlite (156 vs 163). quantkit's Triton W4A16 is slower than
     # both on every measured shape (bench/RESULTS.md: 0.62-0.79x of tinygemm at M = 1, 0.42-0.75x at M = 8), so it
     # is never listed: it runs only where the own plan has it and gemlite is absent or fails its self-check
