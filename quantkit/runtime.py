@@ -54,7 +54,9 @@ Maintained libraries take over where they measured faster (kernels/libs.py has t
 gemlite 0.6.0.post2 today): int8_sq(_pt) at every M and fp8, fp8_pt at decode (M <= 16) on gemlite's A8W8
 GEMV/GEMM (79-116 us at M <= 16, 512 us at M = 1024, with quantkit's own activation quantization, i.e. the
 checkpoint's static or per-token scales; fp8 prefill stays on _scaled_mm, faster in the whole model), int4 at
-M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). Each
+M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). fp8 and int8_sq with static
+activation scales run M = 1 on quantkit's split-K 8-bit GEMV on the shapes where bench/w8_tune.py measured it
+faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against 3.44 ms per step). Each
 is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
 with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
 in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.

@@ -12,7 +12,8 @@ layer, CUDA-graph replay, median; /work/notes/kl_h200.log, bench/RESULTS.md "Ker
 | int4 W4A16    | tinygemm 79, gemlite 91    | gemlite 156 / 163 | gemlite 155 / 269| triton_dequant 920, gl 1866 |
 
 Hence `CHOICES`: gemlite for int8 activations at every M and for fp8 at decode (M <= 16; at prefill the whole
-model ran faster on torch._scaled_mm), gemlite A16W4 for int4 at M = 2..16 (tinygemm stays at M = 1, quantkit's
+model ran faster on torch._scaled_mm; at M = 1 with static activation scales quantkit's GEMV where its tune table
+measured it faster), gemlite A16W4 for int4 at M = 2..16 (tinygemm stays at M = 1, quantkit's
 dequantize + cuBLAS at prefill), for layers of at least MEASURED_MIN_WEIGHTS. Every
 library kernel is still self-checked at load on each layer against quantkit's torch reference
 (runtime.library_kernel_ok) and skipped, with the reason logged, where it is absent, disabled

@@ -24,6 +24,11 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
     (`w4_gemm_partials`, a custom op) and `w4_gemm` sums them with torch, so under torch.compile the sum and the
     cast fuse into the next kernel. Launch settings per shape: `w4a16_configs.json` (bench/w4a16_tune.py), else a
     default split to about two programs per SM.
+- `w8_gemv_partials(x, w)`: M = 1 on 8-bit weights (int8 or fp8 E4M3) with x already quantized to the same kind:
+    split-K partial dot products [split_k, N] in fp32 (fp32 FMAs, int8 -> fp32 by the bit trick above, or a
+    tensor-core dot on the row repeated 16 times), scaled and summed by the caller. Launch settings per kind and
+    shape: `w8_gemv_configs.json` (bench/w8_tune.py, against gemlite's A8W8 GEMV); the runtime takes it only where
+    that table has it faster and the activation scale is static (runtime.QuantLinear._w8_gemv_plan).
 - `dequant_int8(w, w_scale, dtype)`, `dequant_int4(w_packed, w_scale, group_size, dtype)`: one pass that writes the
     dequantized weight (w * scale in fp32, rounded once to dtype, as the fake quantizer computes it), for prefill
     (big M), where the GEMM itself then runs on cuBLAS.
