@@ -18,8 +18,10 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,6 +68,30 @@ def timer(fn, copies: int):
     return do_bench_cudagraph(run, rep=50) * 1e3 / copies  # us per call
 
 
+def search(first: list, refine: Callable[[list], list], top: int, label: str, measure: Callable[[Any], float]
+           ) -> dict[Any, float]:
+    """{config: us}: every first-pass config timed, then `refine` of the `top` fastest; a config that does not
+    compile (registers, shared memory) is reported and skipped."""
+    results: dict[Any, float] = {}
+    for stage in (1, 2):
+        for cfg in first if stage == 1 else refine(sorted(results, key=results.get)[:top]):
+            if cfg in results:
+                continue
+            try:
+                results[cfg] = measure(cfg)
+            except Exception as exc:
+                print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
+    return results
+
+
+def report(lines: list[str], table: dict, path: Path, write: bool) -> None:
+    """Print the markdown table; with `write`, the winners to the runtime's config file."""
+    print("\n" + "\n".join(lines))
+    if write:
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
 def tune_shape(n: int, k: int, ms: list[int], group: int, top: int, dev: torch.device
                ) -> list[tuple[int, tg.W4Config, float, float, float, int]]:
     """(M, best config, its us, tinygemm us, bf16 us, configs tried) per M for one shape."""
@@ -81,17 +107,8 @@ def tune_shape(n: int, k: int, ms: list[int], group: int, top: int, dev: torch.d
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=g)
         bf16_us = timer(lambda i, x=x: torch.nn.functional.linear(x, dense[i]), copies)
         tiny_us = timer(lambda i, x=x: torch.ops.aten._weight_int4pack_mm(x, tiny[i][0], group, tiny[i][1]), copies)
-        results: dict[tg.W4Config, float] = {}
-        for stage in (1, 2):
-            cfgs = candidates(m, n, k) if stage == 1 else refinements(sorted(results, key=results.get)[:top])
-            for cfg in cfgs:
-                if cfg in results:
-                    continue
-                try:
-                    results[cfg] = timer(lambda i, c=cfg, x=x: tg.launch_w4(x, packed[i], scales[i], group, c),
-                                         copies)
-                except Exception as exc:  # a config that does not compile (registers, shared memory)
-                    print(f"  {n}x{k} M={m} {cfg}: {type(exc).__name__}", flush=True)
+        results = search(candidates(m, n, k), refinements, top, f"{n}x{k} M={m}",
+                         lambda c, x=x: timer(lambda i: tg.launch_w4(x, packed[i], scales[i], group, c), copies))
         if not results:
             print(f"  {n}x{k} M={m}: no config ran", flush=True)
             continue
@@ -127,10 +144,7 @@ def main() -> None:
                          f"{tiny_us / us:.2f}x | {bf16_us / us:.2f}x | {tried} |")
             print(lines[-1], f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         torch.cuda.empty_cache()
-    print("\n" + "\n".join(lines))
-    if args.write:
-        tg.W4_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {tg.W4_CONFIG_FILE}")
+    report(lines, table, tg.W4_CONFIG_FILE, args.write)
 
 
 if __name__ == "__main__":

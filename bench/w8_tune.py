@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from w4a16_tune import L2_DEFEAT_BYTES, SHAPES, timer
+from w4a16_tune import L2_DEFEAT_BYTES, SHAPES, report, search, timer
 
 from quantkit.kernels import libs
 from quantkit.kernels import triton_gemm as tg
@@ -67,16 +66,8 @@ def tune_shape(kind: str, n: int, k: int, top: int, dev: torch.device, gemlite) 
     xb = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=g)
     bf16_us = timer(lambda i: torch.nn.functional.linear(xb, dense[i]), len(dense))
     gem_us = timer(lambda i: libs.gemlite_gemm(x, lay[i].tensors, lay[i].meta, torch.bfloat16), copies)
-    results: dict[tg.W8Config, float] = {}
-    for stage in (1, 2):
-        cfgs = candidates(n, k) if stage == 1 else refinements(sorted(results, key=results.get)[:top])
-        for cfg in cfgs:
-            if cfg in results:
-                continue
-            try:
-                results[cfg] = timer(lambda i, c=cfg: tg.launch_w8_gemv(x, ws[i], c), copies)
-            except Exception as exc:  # a config that does not compile (registers, shared memory)
-                print(f"  {kind} {n}x{k} {cfg}: {type(exc).__name__}", flush=True)
+    results = search(candidates(n, k), refinements, top, f"{kind} {n}x{k}",
+                     lambda c: timer(lambda i: tg.launch_w8_gemv(x, ws[i], c), copies))
     best = min(results, key=results.get)
     got = tg.launch_w8_gemv(x, ws[0], best).double().sum(0)
     ref = (x.double() @ ws[0].double().t())[0]
@@ -110,10 +101,7 @@ def main() -> None:
                          f"{gem_us / us:.2f}x | {bf16_us / us:.2f}x | {n * k / us / 1e3:.0f} | {tried} |")
             print(lines[-1], f"[{time.perf_counter() - t0:.0f} s]", flush=True)
             torch.cuda.empty_cache()
-    print("\n" + "\n".join(lines))
-    if args.write:
-        tg.W8_CONFIG_FILE.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {tg.W8_CONFIG_FILE}")
+    report(lines, table, tg.W8_CONFIG_FILE, args.write)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,20 @@ def perturbed_copy(hf_dir: Path, name: str, edit) -> Path:
         tensors = load_file(str(f))
         save_file({k: edit(k, v) for k, v in tensors.items()}, str(f), metadata={"format": "pt"})
     return target
+
+
+def tune_table(tmp_path: Path, monkeypatch, module, file_attr: str, *cached):
+    """Fixture body: yields write(rows), which makes `module` read `rows` as its kernel tune table (file_attr names
+    the path constant, `cached` the functools caches over it), and clears those caches again afterwards."""
+    import json
+
+    def write(rows: dict) -> None:
+        path = tmp_path / "tune_table.json"
+        path.write_text(json.dumps(rows))
+        monkeypatch.setattr(module, file_attr, path)
+        for fn in cached:
+            fn.cache_clear()
+
+    yield write
+    for fn in cached:
+        fn.cache_clear()

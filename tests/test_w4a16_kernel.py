@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from _runtime_helpers import tune_table
 
 from quantkit import runtime
 from quantkit.kernels import triton_gemm as tg
@@ -73,16 +74,7 @@ def test_launch_settings_fit_every_k() -> None:
 
 @pytest.fixture
 def table(tmp_path, monkeypatch):
-    def write(rows: dict) -> None:
-        path = tmp_path / "w4a16_configs.json"
-        path.write_text(json.dumps(rows))
-        monkeypatch.setattr(tg, "W4_CONFIG_FILE", path)
-        tg._w4_table.cache_clear()
-        tg.w4_config.cache_clear()
-
-    yield write
-    tg._w4_table.cache_clear()
-    tg.w4_config.cache_clear()
+    yield from tune_table(tmp_path, monkeypatch, tg, "W4_CONFIG_FILE", tg._w4_table, tg.w4_config)
 
 
 def test_the_int4_plan_follows_the_measured_table(table) -> None:

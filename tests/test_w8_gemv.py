@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from _runtime_helpers import tune_table
 
 from quantkit import runtime
 from quantkit.kernels import libs
@@ -92,16 +93,7 @@ def test_launch_settings_fit_every_k() -> None:
 
 @pytest.fixture
 def table(tmp_path, monkeypatch):
-    def write(rows: dict) -> None:
-        path = tmp_path / "w8_gemv_configs.json"
-        path.write_text(json.dumps(rows))
-        monkeypatch.setattr(tg, "W8_CONFIG_FILE", path)
-        tg._w8_table.cache_clear()
-        tg.w8_config.cache_clear()
-
-    yield write
-    tg._w8_table.cache_clear()
-    tg.w8_config.cache_clear()
+    yield from tune_table(tmp_path, monkeypatch, tg, "W8_CONFIG_FILE", tg._w8_table, tg.w8_config)
 
 
 def test_m1_follows_the_measured_table_and_gemlite_keeps_the_rest(table) -> None:
