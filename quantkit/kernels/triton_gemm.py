@@ -169,12 +169,11 @@ def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
     return replace(cfg, split_k=split, block_j=min(cfg.block_j, _pow2_divisor(words // split)))
 
 
-
 @dataclass(frozen=True)
 class W8Config:
     """Launch settings of the 8-bit GEMV (M = 1, `w8_gemv_partials`) for one (format, N, K): split_k programs
-    along K (partial sums), dot = tensor-core path (the one row padded to 16) or fp32 FMAs, tile BLOCK_N x BLOCK_K
-    bytes of weight."""
+    along K (partial sums), dot = tensor-core path (the row repeated to the dot's 16 rows) or fp32 FMAs, tile
+    BLOCK_N x BLOCK_K bytes of weight."""
 
     split_k: int
     dot: bool
@@ -360,7 +359,6 @@ if HAVE_TRITON:
             tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         else:
             tl.store(out + rn, acc, mask=n_ok)
-
 
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
