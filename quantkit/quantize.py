@@ -280,9 +280,11 @@ def kept_weight_scales(model: torch.nn.Module):
         missing = [n for n, q in m.named_modules()
                    if isinstance(q, TensorQuantizer) and q.is_enabled and id(q) not in calibrated]
         if missing:
-            raise QuantkitError(f"gptq_scales: local_hessian left {len(missing)} enabled quantizers uncalibrated "
-                                f"(first: {missing[0]})", where="quantize.gptq_scales",
-                                fix="use gptq_scales: max for this method")
+            raise QuantkitError(f"GPTQ on searched scales: the scale search left {len(missing)} enabled quantizers "
+                                f"without an amax (first: {missing[0]}): the calibration data never reached them",
+                                where="calibration",
+                                fix="calibrate with data that reaches every layer (more or other samples), or, for "
+                                    "int4_gptq, set quantize.gptq_scales: max")
 
     model_calib.max_calibrate = max_calibrate
     try:

@@ -162,3 +162,17 @@ def test_gptq_on_local_hessian_scales_keeps_the_searched_scales() -> None:
         assert not torch.equal(w_gptq[n], w_source[n]), n  # and GPTQ did update the weights
     with pytest.raises(TypeError, match="NoneType"), qz.group_local_gptq():
         mtq.quantize(tiny_llama(), build_modelopt_config(combo), lambda m: [m(b) for b in calib.batches()])
+
+
+def test_gptq_on_searched_scales_refuses_a_quantizer_the_search_left_uncalibrated() -> None:
+    """The scale keeper skips GPTQ's max calibration only where every enabled quantizer already has its scale: one
+    that the calibration never reached is a clear error naming it, not GPTQ on an undefined scale."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization import model_calib
+
+    from quantkit import quantize as qz
+
+    cfg = build_modelopt_config(QuantizeSection(method="int4_rtn", block_size=32))
+    model = mtq.quantize(tiny_llama(), {**cfg, "algorithm": None})  # quantizers inserted, never calibrated
+    with qz.kept_weight_scales(model), pytest.raises(QuantkitError, match=r"without an amax \(first: .*proj"):
+        model_calib.max_calibrate(model)
