@@ -16,7 +16,7 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 
-BY = ("size", "speed", "bits")  # bits: average weight bits of method auto runs
+BY = ("size", "speed", "bits")  # bits: average weight bits over the quantized layers
 
 
 def lower_is_better(task: str, metric: str, runs: Iterable[dict] = ()) -> bool:
@@ -147,7 +147,11 @@ def decode_tok_s(run: dict, batch_size: int = 1) -> float | None:
 
 
 def effective_bits(run: dict) -> float | None:
-    """Average weight bits over the quantized layers: recorded by method auto runs; the baseline is 16."""
+    """Average weight bits over the quantized layers, as the quantize stage recorded them (method auto: its
+    per-layer choice; uniform methods: their weights' width; runs from before that record: auto's file only);
+    the baseline is 16."""
+    if run.get("effective_bits") is not None:
+        return float(run["effective_bits"])
     auto = run.get("auto_quantize") or {}
     if auto.get("effective_bits") is not None:
         return float(auto["effective_bits"])
@@ -193,7 +197,7 @@ class Choice:
 
     def render(self) -> str:
         what = {"size": "smallest HF checkpoint", "speed": "fastest decode (tokens/s at batch 1)",
-                "bits": "fewest effective weight bits (method auto runs)"}[self.by]
+                "bits": "fewest effective weight bits over the quantized layers"}[self.by]
         rule = "loss + 2 standard errors" if self.conservative else "measured loss"
         lines = [f"Budget against {self.baseline or 'no baseline'} ({rule} must stay within every limit): "
                  + ("; ".join(lim.describe() for lim in self.limits) or "no limits"),
@@ -246,7 +250,7 @@ def choose(runs: list[dict], baseline: dict | None, limits: list[Limit], by: str
             v.ok = False
             v.reasons.append({"size": "no checkpoint size recorded",
                               "speed": "no speed measured (run `quantkit bench RUN`)",
-                              "bits": "no effective bits recorded (a uniform method: use method auto runs)"}[by])
+                              "bits": "no effective bits recorded (a run from before they were: rerun it)"}[by])
         verdicts.append(v)
     for name, reason in (unusable or {}).items():
         verdicts.append(Verdict(name, False, [reason]))

@@ -269,7 +269,7 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
     """Calibrate, then write the small resume state (quantizer state and weight folds, no weights)."""
     from quantkit import resume
     from quantkit.moe import record_expert_coverage
-    from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary
+    from quantkit.quantize import ForwardCounter, quantize_model, quantizer_summary, weight_bits
 
     q = recipe.quantize
     method = get_method(q.method)
@@ -293,7 +293,8 @@ def _quantize(model, recipe: Recipe, calib: CalibrationSet | None, run_dir: Path
     if choice:  # method auto: the per-layer formats are part of the run's record
         atomic_write_json(run_dir / "quantize" / "auto_quantize.json", choice)
         info["auto_quantize"] = "quantize/auto_quantize.json"
-        info["effective_bits"] = choice["effective_bits"]
+    # auto counts its 16-bit choices inside the budget, so its own figure; uniform methods their weights' width
+    info["effective_bits"] = choice["effective_bits"] if choice else weight_bits(model)
     if method.preset is not None:
         t0 = time.perf_counter()
         state_path = run_dir / "quantize" / resume.STATE_FILE

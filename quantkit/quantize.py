@@ -387,6 +387,28 @@ def quantizer_summary(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def weight_bits(model: torch.nn.Module) -> float | None:
+    """Average bits per stored weight element over the layers whose weight quantizer is enabled (what method auto
+    counts as effective bits: scales not counted; layers left 16-bit by `exclude` outside), or None if none is."""
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+
+    def element_bits(q: TensorQuantizer) -> int:
+        n = q.num_bits
+        return 1 + sum(n) if isinstance(n, tuple) else int(n)  # (E, M) floats: sign + exponent + mantissa
+
+    total = bits = 0
+    for module in model.modules():
+        q = getattr(module, "weight_quantizer", None)
+        w = getattr(module, "weight", None)
+        if w is None or not isinstance(q, TensorQuantizer | SequentialQuantizer):
+            continue
+        parts = [p for p in (q if isinstance(q, SequentialQuantizer) else [q]) if p.is_enabled]
+        if parts:  # w4a8: int4 codes then an fp8 step; the stored codes are the narrowest
+            total += w.numel()
+            bits += w.numel() * min(element_bits(p) for p in parts)
+    return round(bits / total, 4) if total else None
+
+
 def _check_budget(target: float, floor: float, candidates: list[str]) -> None:
     if target < floor - 1e-9:
         raise QuantkitError(

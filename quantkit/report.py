@@ -66,6 +66,7 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "sizes": {k: export[k] for k in ("trtllm_bytes", "hf_bytes") if k in export},
         "timings_s": {name: entry.get("wall_s") for name, entry in stages.items()},
         "quantize_s": quant.get("quantize_s"),
+        "effective_bits": quant.get("effective_bits"),
         "bench": read_json(bench_path) if bench_path.is_file() else None,
         "baseline": {"run": str(baseline_dir), "metrics": _metrics(baseline_dir)} if baseline_dir else None,
         "versions": quant.get("versions", {}),
@@ -286,7 +287,7 @@ def compare_table(runs: list[dict], baseline: dict | None = None, with_legend: b
 
 def compare_rows(runs: list[dict], baseline: dict | None = None) -> list[dict[str, Any]]:
     """Plain rows for CSV: raw values (fractions for accuracies), stderr, delta, delta_se, within_noise."""
-    from quantkit.choose import decode_tok_s
+    from quantkit.choose import decode_tok_s, effective_bits
 
     rows = []
     for run in runs:
@@ -295,7 +296,7 @@ def compare_rows(runs: list[dict], baseline: dict | None = None) -> list[dict[st
                                "settings": _settings_text(run.get("settings", {})).strip("()"),
                                "hf_bytes": sizes.get("hf_bytes"), "trtllm_bytes": sizes.get("trtllm_bytes"),
                                "decode_tok_s_b1": decode_tok_s(run),
-                               "effective_bits": (run.get("auto_quantize") or {}).get("effective_bits")}
+                               "effective_bits": effective_bits(run)}
         for task, metric, lb in table_columns(runs):
             c = make_cell(run, baseline, task, metric, lb)
             key = f"{task}.{metric}"

@@ -583,7 +583,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p.add_argument("--by", choices=list(BY), default="size",
                    help="size: smallest HF checkpoint; speed: highest decode tokens/s at batch 1 (quantkit bench); "
-                   "bits: fewest effective weight bits among method auto runs")
+                   "bits: fewest effective weight bits (auto runs: their per-layer mix; uniform ones: 4 or 8)")
     p.add_argument("--baseline", default=None, help="run folder to measure losses against (default: method none)")
     p.add_argument("--conservative", action="store_true",
                    help="count loss + 2 standard errors against the budget (where lm-eval has a stderr)")

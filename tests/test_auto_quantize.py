@@ -156,6 +156,7 @@ def test_pipeline_writes_the_choice_and_resumes_from_it(tmp_path: Path, tiny_mod
     assert choice["effective_bits_target"] == 6 and choice["effective_bits"] <= 6
     results = read_json(run / "results.json")
     assert results["auto_quantize"]["layer_counts"] == choice["layer_counts"]
+    assert results["effective_bits"] == choice["effective_bits"]  # what `choose --by bits` reads
     summary = (run / "summary.md").read_text()
     assert f"{choice['effective_bits']:.2f} bits" in summary and "quantize/auto_quantize.json" in summary
     plan = read_json(run / "build" / "plan.json")
@@ -183,6 +184,40 @@ def test_choose_by_bits_picks_the_fewest_bits_within_the_accuracy_budget() -> No
     assert "no effective bits recorded" in why["fp8"].reasons[0]
     assert why["auto-6"].note == "5.97 vs 4.98 effective bits" and why["base"].ok
     assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=1%"]), by="bits").chosen == "base"
+
+
+@pytest.mark.parametrize("method", ["int4_rtn", "fp8", "int8_sq"])
+def test_uniform_methods_record_the_bits_their_checkpoint_stores(method: str, tmp_path: Path) -> None:
+    """The effective bits a uniform run records (quantize.weight_bits) are the width of the weights its HF
+    checkpoint ships, averaged over the quantized linears (lm_head excluded and outside the count, as for auto)."""
+    from quantkit.check import read_safetensors_header
+    from quantkit.export import export_hf, prepare_for_deployment
+    from quantkit.quantize import weight_bits
+
+    model = quantize_model(tiny_llama(), QuantizeSection(method=method, exclude=["lm_head"]),
+                           CalibrationSet(IDS, 4, "test"))
+    recorded = weight_bits(model)
+    prepare_for_deployment(model)
+    export_hf(model, tmp_path / "hf", dtype="float32")
+    header = read_safetensors_header(tmp_path / "hf" / "model.safetensors")
+    linears = {n: m.weight.numel() for n, m in tiny_llama().named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    shipped = sum(linears[n] * _DTYPE_BITS[header[f"{n}.weight"].dtype] for n in linears) / sum(linears.values())
+    assert recorded == pytest.approx(shipped) and recorded in (4.0, 8.0)
+
+
+def test_choose_by_bits_takes_uniform_runs_at_their_width() -> None:
+    from quantkit.choose import choose, parse_budget
+
+    def run(name: str, method: str, ppl: float, bits: float | None) -> dict:
+        return {"run": name, "method": method, "sizes": {"hf_bytes": 100}, "effective_bits": bits,
+                "metrics": {"wiki_ppl": {"word_perplexity": ppl, "word_perplexity_stderr": None}}}
+
+    base = run("base", "none", 60.0, None)
+    runs = [base, run("auto-5", "auto", 64.0, 4.98), run("int4_gptq", "int4_gptq", 65.0, 4.0),
+            run("fp8", "fp8", 61.0, 8.0)]
+    assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=10%"]), by="bits").chosen == "int4_gptq"
+    assert choose(runs, base, parse_budget(["wiki_ppl.word_perplexity=7%"]), by="bits").chosen == "auto-5"
 
 
 def test_final_gptq_runs_the_int4_layers_in_activation_order_on_searched_scales(monkeypatch) -> None:
