@@ -79,7 +79,10 @@ class Bench:
         ppl, b = m["wiki_ppl"]["word_perplexity"], self.base["metrics"]["wiki_ppl"]["word_perplexity"]
         settings = ", ".join(f"{k} {v}" for k, v in res["settings"].items()
                              if k not in ("method", "exclude", "kv_cache") and v is not None)
-        bits = (res.get("auto_quantize") or {}).get("effective_bits", "–")
+        from quantkit.report import method_text
+
+        # the bits every run recorded; auto's cell also names how many layers took each format
+        bits = method_text(res) if res.get("auto_quantize") else res.get("effective_bits") or "–"
         line = (f"| {label} | {settings} | {_cell(m, 'wiki_ppl', 'word_perplexity')} | {100 * (ppl / b - 1):+.1f}% "
                 f"| {_cell(m, 'lambada', 'acc', 100, 2)} | {_cell(m, 'lambada', 'perplexity')} | {bits} "
                 f"| {res.get('quantize_s') or '–'} | {res['wall_s']} |")
