@@ -430,13 +430,11 @@ class QuantLinear(nn.Module):
         Static activation scales only: with per-token ones the next layer's amax has to sum the split-K partials
         inside its row reduction, and int8_sq per-token ran slower in the whole 8B model (H200, 3.80 ms per step
         against 3.50 ms on gemlite alone), though each GEMV is faster by itself; fp8 static gained (3.10 vs 3.44)."""
-        if self.input_scale is None:
-            return {}
-        if (triton_gemm.w8_gemv_supported(self.in_features) and triton_gemm.w8_gemv_beats_gemlite(
-                triton_gemm.w8_weight_kind(self.weight), self.out_features, self.in_features)
-                and kernel_ok("triton_w8_gemv", dev)):
-            return {"m1": "triton_w8_gemv"}
-        return {}
+        ok = (self.input_scale is not None and triton_gemm.w8_gemv_supported(self.in_features)
+              and triton_gemm.w8_gemv_beats_gemlite(triton_gemm.w8_weight_kind(self.weight), self.out_features,
+                                                    self.in_features)
+              and kernel_ok("triton_w8_gemv", dev))
+        return {"m1": "triton_w8_gemv"} if ok else {}
 
     def _plan_libraries(self, dev: torch.device) -> None:
         """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads

@@ -54,6 +54,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,25 +120,31 @@ def w4_regime(m: int) -> str:
 
 
 @dataclass(frozen=True)
-class W4Tuned:
-    """One row of w4a16_configs.json: the fastest config found and what it and tinygemm measured (us)."""
+class Tuned:
+    """One row of a tune table (w4a16_configs.json, w8_gemv_configs.json): the fastest config found, its time and
+    the rival kernel's on the same shape (us)."""
 
-    config: W4Config
+    config: Any
     us: float
-    tinygemm_us: float
+    rival_us: float
+
+
+def _read_tuned(path: Path, config: type, rival: str) -> dict[str, dict[str, Tuned]]:
+    """{group (M regime or weight kind): {"NxK": Tuned}} from a tune table whose rival's time is field `rival`."""
+    raw = json.loads(path.read_text())
+    return {group: {shape: Tuned(config(**r["config"]), r["us"], r[rival]) for shape, r in rows.items()}
+            for group, rows in raw.items()}
 
 
 @functools.cache
-def _w4_table() -> dict[str, dict[str, W4Tuned]]:
-    raw = json.loads(W4_CONFIG_FILE.read_text())
-    return {regime: {shape: W4Tuned(W4Config(**r["config"]), r["us"], r["tinygemm_us"]) for shape, r in rows.items()}
-            for regime, rows in raw.items()}
+def _w4_table() -> dict[str, dict[str, Tuned]]:
+    return _read_tuned(W4_CONFIG_FILE, W4Config, "tinygemm_us")
 
 
 def w4_beats_tinygemm(m: int, n: int, k: int) -> bool | None:
     """Whether the tuned W4A16 kernel measured faster than tinygemm on this shape and M regime (None: not tuned)."""
     row = _w4_table()[w4_regime(m)].get(f"{n}x{k}")
-    return None if row is None else row.us < row.tinygemm_us
+    return None if row is None else row.us < row.rival_us
 
 
 def _pow2_divisor(n: int) -> int:
@@ -187,22 +194,9 @@ W8_CONFIG_FILE = Path(__file__).with_name("w8_gemv_configs.json")
 _W8_DEFAULT = W8Config(1, False, 16, 256, 4, 3)
 
 
-@dataclass(frozen=True)
-class W8Tuned:
-    """One row of w8_gemv_configs.json: the fastest config found and what it and gemlite's A8W8 GEMV measured."""
-
-    config: W8Config
-    us: float
-    gemlite_us: float
-
-
 @functools.cache
-def _w8_table() -> dict[str, dict[str, W8Tuned]]:
-    if not W8_CONFIG_FILE.is_file():
-        return {}
-    raw = json.loads(W8_CONFIG_FILE.read_text())
-    return {fmt: {shape: W8Tuned(W8Config(**r["config"]), r["us"], r["gemlite_us"]) for shape, r in rows.items()}
-            for fmt, rows in raw.items()}
+def _w8_table() -> dict[str, dict[str, Tuned]]:
+    return _read_tuned(W8_CONFIG_FILE, W8Config, "gemlite_us")
 
 
 def w8_weight_kind(w: torch.Tensor) -> str:
@@ -213,7 +207,7 @@ def w8_weight_kind(w: torch.Tensor) -> str:
 def w8_gemv_beats_gemlite(kind: str, n: int, k: int) -> bool:
     """Whether bench/w8_tune.py measured the tuned GEMV faster than gemlite's A8W8 GEMV on this shape (M = 1)."""
     row = _w8_table().get(kind, {}).get(f"{n}x{k}")
-    return row is not None and row.us < row.gemlite_us
+    return row is not None and row.us < row.rival_us
 
 
 @functools.cache
