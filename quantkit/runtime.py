@@ -29,9 +29,9 @@ reproduce):
 
 Kernels (`model.quantkit_kernels` records the plan of every layer; env overrides for benchmarking:
 QUANTKIT_INT4_DECODE=measured|tinygemm|triton|dequant, QUANTKIT_INT8_DECODE=triton|int_mm|dequant,
-QUANTKIT_INT8_PREFILL=int_mm|dequant, QUANTKIT_ACT_QUANT=triton|torch). Chosen by measurement (bench/kernels.py,
-H200, one decoder layer of Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included and
-run eagerly; bf16 cuBLAS 134 us at M=1, 680 us at M=1024; bench/RESULTS.md has the table):
+QUANTKIT_INT8_PREFILL=int_mm|dequant). Chosen by measurement (bench/kernels.py, H200, one decoder layer of
+Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included and run eagerly; bf16 cuBLAS
+134 us at M=1, 680 us at M=1024; bench/RESULTS.md has the table):
 - fp8: torch._scaled_mm 166 us at M=1 (0.81x; ~90 us of it is the activation quantization, 4-5 small kernels per
   projection that torch.compile fuses in the model), 1.01x at M=1024.
 - int8_sq: torch._int_mm 304 us at M=1..16 (0.44x: unusable for decode, as DESIGN.md found) and 1492 us at M=1024
@@ -56,10 +56,7 @@ GEMV/GEMM (79-116 us at M <= 16, 512 us at M = 1024, with quantkit's own activat
 checkpoint's static or per-token scales; fp8 prefill stays on _scaled_mm, faster in the whole model), int4 at
 M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). fp8 and int8_sq with static
 activation scales run M = 1 on quantkit's split-K 8-bit GEMV on the shapes where bench/w8_tune.py measured it
-faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against 3.44 ms per step). int8_sq
-with per-token scales quantizes its activations at M <= 16 in one Triton kernel per row (plan entry "act_quant":
-triton_int8_rows, kernels/triton_act_quant.py says why) instead of the reductions Inductor makes of
-`per_token_scale` + `quantize_int8`; same arithmetic, bit for bit. Each
+faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against 3.44 ms per step). Each
 is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
 with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
 in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
@@ -89,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import libs, triton_act_quant, triton_attention, triton_gemm
+from quantkit.kernels import libs, triton_attention, triton_gemm
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +223,6 @@ def kernel_ok(name: str, device: torch.device) -> bool:
                              triton_gemm.w4_gemm(xs, d["q4"], d["gs"], group)])
             ref = xs.float().cpu() @ (q4.float() * gs.repeat_interleave(group, 1)).t()
             ref = torch.cat([ref[:1], ref])
-        elif name == "triton_int8_rows":  # must equal the torch arithmetic exactly; rows with ties and zeros
-            xr = torch.cat([x[:2] * 10, torch.zeros(1, k), torch.arange(k).remainder(9).sub(4).mul(0.5)[None]])
-            xr[3, 0] = 127.0  # scale 1: the halves are ties, rounded to even
-            q, sc = triton_act_quant.quantize_int8_rows(xr.to(device, dt))
-            ref_s = per_token_scale(xr.to(dt), 127.0)
-            exact = torch.equal(q.cpu(), quantize_int8(xr.to(dt), ref_s)) and torch.equal(sc.cpu(), ref_s)
-            got, ref = torch.tensor([1.0 if exact else 0.0]), torch.ones(1)  # rel err 0 or 1
         elif name == "triton_dequant8":
             got = triton_gemm.dequant_int8(d["w8"], d["ws"], dt)
             ref = w8.float() * ws[:, None]
@@ -333,7 +323,6 @@ def kernel_origin(kernel: str) -> str:
 
 
 REGIMES = ("m1", "decode", "prefill")  # M = 1 (only where it differs from decode), M <= 16, M > 16
-ACT_QUANT = "act_quant"  # plan entry: the kernel quantizing per-token activations at M <= 16, where not torch's
 
 
 def int4_decode_plan(triton_kernel: str | None, tinygemm: str | None, n: int, k: int, fallback: str) -> dict[str, str]:
@@ -418,7 +407,7 @@ class QuantLinear(nn.Module):
                       "int_mm": "torch._int_mm", "dequant": "dequant"}[choice]
             # measured at M=1024 (H200): _int_mm 1492 us/layer, dequantize + cuBLAS 1595 us (see the docstring)
             prefill = w8 if not cuda or env("QUANTKIT_INT8_PREFILL", "int_mm") == "dequant" else "torch._int_mm"
-            return {**self._w8_gemv_plan(dev), "decode": decode, "prefill": prefill, **self._act_quant_plan(dev)}
+            return {**self._w8_gemv_plan(dev), "decode": decode, "prefill": prefill}
         if self.fmt == "int8_wo":
             ok = env("QUANTKIT_INT8_DECODE", "triton") == "triton" and kernel_ok("triton_w8a16", dev)
             return {"decode": "triton_w8a16" if ok else w8, "prefill": w8}
@@ -446,13 +435,6 @@ class QuantLinear(nn.Module):
                                                     self.in_features)
               and kernel_ok("triton_w8_gemv", dev))
         return {"m1": "triton_w8_gemv"} if ok else {}
-
-    def _act_quant_plan(self, dev: torch.device) -> dict[str, str]:
-        """Per-token int8 activations at M <= 16 in one Triton kernel per row (kernels/triton_act_quant.py), where
-        it runs here and reproduces the torch arithmetic exactly; static scales need no reduction."""
-        ok = (self.input_scale is None and os.environ.get("QUANTKIT_ACT_QUANT", "triton") == "triton"
-              and triton_act_quant.supported(self.in_features) and kernel_ok("triton_int8_rows", dev))
-        return {ACT_QUANT: "triton_int8_rows"} if ok else {}
 
     def _plan_libraries(self, dev: torch.device) -> None:
         """Per regime, the first kernel of libs.CHOICES that is usable here: a library kernel whose library loads
@@ -573,8 +555,6 @@ class QuantLinear(nn.Module):
         """int8 activations and their scale (scalar, or [M, 1] per token)."""
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self.input_scale is None and x.shape[0] <= DECODE_MAX_M and self.kernels.get(ACT_QUANT) is not None:
-            return triton_act_quant.quantize_int8_rows(x)
         scale = self._act_scale(x, 127.0)
         return quantize_int8(x, scale), scale
 
@@ -1021,7 +1001,7 @@ def kernel_summary(model: nn.Module) -> dict[str, int]:
     """How many layers use each (format, regime, kernel): a short line for logs and bench results."""
     counts: dict[str, int] = {}
     for info in getattr(model, "quantkit_kernels", {}).values():
-        for regime in (*REGIMES, ACT_QUANT):
+        for regime in REGIMES:
             kernel = info.get(regime)
             if kernel is None:
                 continue
