@@ -105,11 +105,11 @@ def _cell(metrics: dict, task: str, metric: str, scale: float = 1.0, digits: int
     return f"{scale * m[metric]:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se else "")
 
 
-def int4(bench: Bench, blocks: list[int]) -> None:
+def int4(bench: Bench, blocks: list[int], methods: tuple[str, ...] = INT4) -> None:
     bench.section("INT4 weight-only on SmolLM2-135M: RTN, AWQ (awq_clip), GPTQ; at block 64 local-Hessian scales")
     bench.baseline()
     for block in blocks:
-        for method in INT4:
+        for method in methods:
             name = f"{method}-g{block}"
             bench.row(name, bench.run(method, name, [f"quantize.block_size={block}"]))
     if 64 in blocks:
@@ -183,6 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", choices=["int4", "auto", "cost"])
     ap.add_argument("--blocks", default="32,64")
+    ap.add_argument("--int4-methods", default=",".join(INT4), help="int4: the uniform methods run at each block")
     ap.add_argument("--bits", default="4.5,5,6,8")
     ap.add_argument("--layers", type=int, default=8, help="cost: decoder layers of the 8B-shaped model")
     ap.add_argument("--modelopt-layers", type=int, default=2, help="cost: layers for ModelOpt's own update (0: skip)")
@@ -197,7 +198,7 @@ def main() -> None:
     try:
         for part in args.parts:
             if part == "int4":
-                int4(bench, [int(b) for b in args.blocks.split(",")])
+                int4(bench, [int(b) for b in args.blocks.split(",")], tuple(args.int4_methods.split(",")))
             elif part == "auto":
                 auto(bench, args.bits.split(","))
             else:
