@@ -243,7 +243,8 @@ def speed_rows(method: str, scope: str, key: str, res: dict, cfg, args: argparse
                      "prefill_tok_s": r["prefill_tok_s"], "ttft_ms": 1e3 * r["ttft_s"],
                      "peak_gpu_gib": (r["peak_gpu_mb"] or 0) / 1024, "weight_gib": wbytes / 2**30,
                      "cuda_graph": r["cuda_graph"], "graph_error": r["graph_error"], "prepare_s": r["prepare_s"],
-                     "compile_s": r["compile_s"], "compiled_graphs": r["compiled_graphs"], "key": key})
+                     "compile_s": r["compile_s"], "compiled_graphs": r["compiled_graphs"], "key": key,
+                     "inductor": res.get("inductor") or {}})
     return rows
 
 
@@ -303,7 +304,8 @@ def report(rows: list[dict], runs: dict[str, dict], args: argparse.Namespace, ca
     for r in rows:
         vs = f"{r['vs_bf16']:.2f}x" if r["vs_bf16"] else "–"
         name = f"{r['method']} (emulated: dequantize path, no real kernel)" if r["emulated"] else r["method"]
-        lines.append(f"| {name} | {r['scope']} | {r['batch']} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {vs} | "
+        scope = r["scope"] + (" + " + ", ".join(r["inductor"]) if r["inductor"] else "")  # e.g. tuning on
+        lines.append(f"| {name} | {scope} | {r['batch']} | {r['step_ms']:.2f} | {r['decode_tok_s']:.1f} | {vs} | "
                      f"{100 * r['share']:.0f}% | {r['limit_tok_s']:.0f} | {r['prefill_tok_s']:.0f} | "
                      f"{r['ttft_ms']:.0f} | {r['weight_gib']:.2f} | {r['peak_gpu_gib']:.1f} | {r['compile_s']:.1f} | "
                      f"{r['compiled_graphs']} |")

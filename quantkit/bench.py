@@ -164,10 +164,22 @@ def _layer_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(layer).forward(layer, *args, **kwargs)
 
 
+def inductor_options(layers: nn.Module) -> dict[str, Any]:
+    """Inductor settings for the compiled decoder layers. Coordinate-descent tuning benchmarks neighbouring launch
+    settings of each kernel Inductor generates and keeps the fastest: the single-row reductions of a decode step
+    (norms, per-token amax, the attention combine) ran faster with it (H200, int8_sq 3.50 -> 3.46 ms per step,
+    bench/RESULTS.md). Under it Inductor also rewrites every matmul with M = 1 into its own reduction kernels
+    (torch/_inductor/decomposition.py: `mm`, `bmm` when config.coordinate_descent_tuning), which ran far slower
+    than cuBLAS (bf16 4.86 -> 5.80 ms). So it is on only where the layers hold no nn.Linear: every projection is
+    then a quantized kernel, an extern call that Inductor leaves alone."""
+    return {} if any(isinstance(m, nn.Linear) for m in layers.modules()) else {"coordinate_descent_tuning": True}
+
+
 @functools.cache
-def _compiled_layer_forward() -> Any:
+def _compiled_layer_forward(tuned: bool) -> Any:
     # made at first use: torch.compile imports dynamo (~2 s), and every CLI start imports this module
-    return torch.compile(_layer_forward, fullgraph=True, dynamic=False)
+    return torch.compile(_layer_forward, fullgraph=True, dynamic=False,
+                         options={"coordinate_descent_tuning": True} if tuned else None)
 
 
 def _raise_recompile_limits() -> None:
@@ -187,16 +199,18 @@ def compiled_layers(model: nn.Module):
     comes in as the layer's own `_LayerCache`. Hooks on the layer still run (only `forward` is replaced).
 
     The once-per-step modules beside the layers (the final norm, the rotary embedding: children of the layers'
-    parent other than embeddings) are compiled too, one graph each; the mask and lm_head stay eager."""
+    parent other than embeddings) are compiled too, one graph each; the mask and lm_head stay eager. Inductor's
+    settings: `inductor_options`."""
     _raise_recompile_limits()
     layers = decoder_layers(model)
+    options = inductor_options(layers)
     originals: list[tuple[nn.Module, Any]] = []
 
     def wrap(index: int, layer: nn.Module):
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
             if past_key_values is not None:
                 past_key_values = _LayerCache(past_key_values.layers[index])
-            return _compiled_layer_forward()(layer, *args, past_key_values=past_key_values, **kwargs)
+            return _compiled_layer_forward(bool(options))(layer, *args, past_key_values=past_key_values, **kwargs)
 
         return forward
 
@@ -208,7 +222,7 @@ def compiled_layers(model: nn.Module):
             for child_name, child in mod.named_children():
                 if child is not layers and not isinstance(child, nn.Embedding):
                     originals.append((child, child.__dict__.get("forward")))
-                    child.forward = torch.compile(child.forward, dynamic=False)
+                    child.forward = torch.compile(child.forward, dynamic=False, options=options or None)
                     compiled.append(f"{name}.{child_name}")
     for i, layer in enumerate(layers):
         originals.append((layer, layer.__dict__.get("forward")))
@@ -389,6 +403,7 @@ def _bench_batches(model: nn.Module, bench: BenchSection, device: torch.device, 
     start = compile_counters()
     with torch.inference_mode(), compiled_scope(model, scope) as compiled:
         result["compiled_regions"] = len(compiled)
+        result["inductor"] = inductor_options(decoder_layers(model)) if scope == "layers" else {}
         for b in bench.batch_sizes:
             ids = torch.randint(0, vocab, (b, bench.input_len), generator=gen_).to(device)
             if on_cuda:

@@ -12,6 +12,7 @@ from _families import tiny_model
 from _runtime_helpers import device_under_test, roundtrip, tiny_llama
 from pydantic import ValidationError
 
+from quantkit import bench as qbench
 from quantkit.bench import Generator, bench_model, compile_counters, compiled_scope, decoder_layers
 from quantkit.errors import QuantkitError
 from quantkit.recipe import BenchSection
@@ -87,6 +88,8 @@ def test_bench_model_records_scope_graphs_and_compile_time() -> None:
     assert [r["compiled_graphs"] for r in res["results"]] == [3, 3] and res["compiled_graphs"] == 6
     assert all(r["compile_s"] > 0 for r in res["results"])
     assert [r["first_tokens"] for r in res["results"]] == [r["first_tokens"] for r in eager["results"]]
+    # every projection quantized: Inductor's coordinate-descent tuning on, and recorded
+    assert res["inductor"] == {"coordinate_descent_tuning": True} and eager["inductor"] == {}
     # True means the recipe's scope (default layers); on CPU the default stays eager
     assert BenchSection().compile == "layers"
     assert bench_model(model, None, bench.model_copy(update={"compile": "none", "batch_sizes": [1]}), "cpu",
@@ -153,3 +156,30 @@ def test_cuda_graph_of_compiled_layers_gives_the_eager_tokens(variant: str | Non
     compiled, gen = _tokens(model, ids, dev, "layers", cuda_graph=True)
     assert gen.graph is not None, gen.graph_error
     assert torch.equal(compiled, eager)
+
+
+def test_inductor_tuning_only_where_no_float_linear_is_left(monkeypatch) -> None:
+    """Coordinate-descent tuning makes Inductor rewrite M = 1 matmuls into its own reductions (slower than cuBLAS
+    on the H200), so the layer graphs of a model with nn.Linear projections compile without it and those of a
+    quantized model, whose projections are extern kernels, with it; the tokens stay the eager ones either way."""
+    seen: list = []
+    real = torch.compile
+
+    def spy(fn, **kw):
+        seen.append(kw.get("options"))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    qbench._compiled_layer_forward.cache_clear()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    try:
+        for kind, want in (("llama", None), ("int8_sq", {"coordinate_descent_tuning": True})):
+            model = _model(kind)
+            fuse_projections(model)
+            seen.clear()
+            eager, _ = _tokens(model, ids, CPU, "none", new=3)
+            compiled, _ = _tokens(model, ids, CPU, "layers", new=3)
+            assert len(seen) == 3 and all(o == want for o in seen), (kind, seen)  # layers, final norm, rotary
+            assert torch.equal(compiled, eager)
+    finally:
+        qbench._compiled_layer_forward.cache_clear()
