@@ -176,10 +176,9 @@ def inductor_options(layers: nn.Module) -> dict[str, Any]:
 
 
 @functools.cache
-def _compiled_layer_forward(tuned: bool) -> Any:
+def _compiled_layer_forward(options: tuple[tuple[str, Any], ...]) -> Any:
     # made at first use: torch.compile imports dynamo (~2 s), and every CLI start imports this module
-    return torch.compile(_layer_forward, fullgraph=True, dynamic=False,
-                         options={"coordinate_descent_tuning": True} if tuned else None)
+    return torch.compile(_layer_forward, fullgraph=True, dynamic=False, options=dict(options) or None)
 
 
 def _raise_recompile_limits() -> None:
@@ -203,14 +202,14 @@ def compiled_layers(model: nn.Module):
     settings: `inductor_options`."""
     _raise_recompile_limits()
     layers = decoder_layers(model)
-    options = inductor_options(layers)
+    options = tuple(inductor_options(layers).items())
     originals: list[tuple[nn.Module, Any]] = []
 
     def wrap(index: int, layer: nn.Module):
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
             if past_key_values is not None:
                 past_key_values = _LayerCache(past_key_values.layers[index])
-            return _compiled_layer_forward(bool(options))(layer, *args, past_key_values=past_key_values, **kwargs)
+            return _compiled_layer_forward(options)(layer, *args, past_key_values=past_key_values, **kwargs)
 
         return forward
 
@@ -222,7 +221,7 @@ def compiled_layers(model: nn.Module):
             for child_name, child in mod.named_children():
                 if child is not layers and not isinstance(child, nn.Embedding):
                     originals.append((child, child.__dict__.get("forward")))
-                    child.forward = torch.compile(child.forward, dynamic=False, options=options or None)
+                    child.forward = torch.compile(child.forward, dynamic=False, options=dict(options) or None)
                     compiled.append(f"{name}.{child_name}")
     for i, layer in enumerate(layers):
         originals.append((layer, layer.__dict__.get("forward")))
