@@ -169,7 +169,7 @@ def main() -> None:
         origin = kernel_origin(kernel) if kernel else f"torch {torch.__version__}"
         try:
             layers = _layers(fmt, args.copies, dev)
-            if kernel == "tinygemm" and layers[0]["q"].tinygemm_weight is None:
+            if kernel == "tinygemm" and not layers[0]["q"].tinygemm_ok:
                 print(f"{label}: tinygemm unavailable here")
                 continue
             force(layers, kernel, args.compile)

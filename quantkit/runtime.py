@@ -217,12 +217,16 @@ def kernel_ok(name: str, device: torch.device) -> bool:
         elif name == "triton_w8a16":
             got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
             ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
-        elif name == "triton_w4a16":  # both paths: M = 1 (fp32 FMAs) and M = 3 (tensor cores)
+        elif name == "triton_w4a16":  # M = 1 and M = 3, groups smaller than a 128-k block and as large
             xs = (x.to(dt) * pqs.to(dt)).to(device)
-            got = torch.cat([triton_gemm.w4_gemm(xs[:1], d["q4"], d["gs"], group),
-                             triton_gemm.w4_gemm(xs, d["q4"], d["gs"], group)])
-            ref = xs.float().cpu() @ (q4.float() * gs.repeat_interleave(group, 1)).t()
-            ref = torch.cat([ref[:1], ref])
+            w4 = triton_gemm.pack_int4_w4(q4).to(device)
+            got, ref = [], []
+            for grp, gsc in ((group, gs), (k, gs[:, :1].contiguous())):
+                st = gsc.t().contiguous().to(device)
+                got += [triton_gemm.w4_gemm(xs[:1], w4, st, grp), triton_gemm.w4_gemm(xs, w4, st, grp)]
+                r = xs.float().cpu() @ (q4.float() * gsc.repeat_interleave(grp, 1)).t()
+                ref += [r[:1], r]
+            got, ref = torch.cat(got), torch.cat(ref)
         elif name == "triton_dequant8":
             got = triton_gemm.dequant_int8(d["w8"], d["ws"], dt)
             ref = w8.float() * ws[:, None]
@@ -342,6 +346,12 @@ def int4_decode_plan(triton_kernel: str | None, tinygemm: str | None, n: int, k:
 # ----------------------------------------------------------------------------- the quantized linear module
 
 
+# int4 decode kernels that read a layout of their own: its buffers (QuantLinear._build_layouts)
+_KERNEL_LAYOUTS = {"tinygemm": ("tinygemm_weight", "tinygemm_scales_zeros"),
+                   "triton_w4a16": ("w4_weight", "w4_scale_t")}
+_DECODE_LAYOUTS = [name for names in _KERNEL_LAYOUTS.values() for name in names]
+
+
 class QuantLinear(nn.Module):
     """A linear layer that computes on an exported quantized weight (see the module docstring for the formats)."""
 
@@ -369,27 +379,48 @@ class QuantLinear(nn.Module):
         w = tensors["weight"].to(dev)  # unpack / repack on the target device (fast on a GPU)
         self.group_size = 0
         self.tinygemm_inner_k_tiles = 0
+        self.tinygemm_ok = False
         # fp8 with one weight scale per output row: per-channel checkpoints, and fused parts of per-tensor ones
         self.rowwise = fmt in ("fp8", "fp8_pt") and self.weight_scale.numel() > 1
         if fmt in ("int4", "w4a8"):
             q = triton_gemm.unpack_int4_k(w) if k_packed else unpack_modelopt_int4(w)
             self.group_size = in_features // self.weight_scale.shape[1]
-            # K-packed layout: read by the Triton kernel and by the dequant path
+            # K-packed layout: read by the dequant path (prefill, reference) and by fusing
             buf("weight", triton_gemm.pack_int4_k(q))
-            self.register_buffer("tinygemm_weight", None)
-            self.register_buffer("tinygemm_scales_zeros", None)
             # tinygemm takes bf16 activations only (its CUDA kernel checks A.dtype() == kBFloat16): float16 and
             # float32 models run quantkit's int4 kernels
-            if fmt == "int4" and dtype == torch.bfloat16 and tinygemm_supported(out_features, in_features,
-                                                                                self.group_size, dev):
-                packed, sz, tiles = _tinygemm_pack(q, self.weight_scale, self.group_size)
-                self.tinygemm_weight, self.tinygemm_scales_zeros = packed, sz
-                self.tinygemm_inner_k_tiles = tiles
+            self.tinygemm_ok = fmt == "int4" and dtype == torch.bfloat16 and tinygemm_supported(
+                out_features, in_features, self.group_size, dev)
         else:
             buf("weight", w.contiguous())
+        for name in _DECODE_LAYOUTS:
+            self.register_buffer(name, None)
         self._lib: libs.GemliteLayer | None = None  # a library kernel's layout; its tensors are buffers lib_arg*
         self.kernels = self._plan(dev)
         self._plan_libraries(dev)
+        self._build_layouts()
+
+    def _build_layouts(self) -> None:
+        """The int4 decode kernels' own copies of the weights, for the kernels the plan runs and no others (each
+        is another 0.5 byte per weight of GPU memory)."""
+        if self.fmt != "int4":
+            return
+        used = set(self.kernels.values())
+        q = None
+        for kernel, names in _KERNEL_LAYOUTS.items():
+            if kernel not in used:
+                for name in names:
+                    setattr(self, name, None)
+                continue
+            if getattr(self, names[0]) is not None:
+                continue
+            q = triton_gemm.unpack_int4_k(self.weight) if q is None else q
+            if kernel == "tinygemm":
+                self.tinygemm_weight, self.tinygemm_scales_zeros, self.tinygemm_inner_k_tiles = _tinygemm_pack(
+                    q, self.weight_scale, self.group_size)
+            else:
+                self.w4_weight = triton_gemm.pack_int4_w4(q)
+                self.w4_scale_t = self.weight_scale.t().contiguous()
 
     # -- which kernel runs where (recorded on the model as quantkit_kernels)
     def _plan(self, dev: torch.device) -> dict[str, str]:
@@ -413,7 +444,7 @@ class QuantLinear(nn.Module):
             return {"decode": "triton_w8a16" if ok else w8, "prefill": w8}
         if self.fmt == "int4":
             w4 = "triton_dequant" if kernel_ok("triton_dequant4", dev) else "dequant"
-            tiny = "tinygemm" if self.tinygemm_weight is not None else None
+            tiny = "tinygemm" if self.tinygemm_ok else None
             tri = "triton_w4a16" if triton_gemm.w4_supported(self.in_features, self.group_size) and kernel_ok(
                 "triton_w4a16", dev) else None
             choice = env("QUANTKIT_INT4_DECODE", "measured")
@@ -491,6 +522,7 @@ class QuantLinear(nn.Module):
         if libs.kernel_library(kernel) is not None:
             self.attach_library(kernel)
         self.kernels = {"decode": kernel, "prefill": kernel}
+        self._build_layouts()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
@@ -619,7 +651,7 @@ class QuantLinear(nn.Module):
         if kernel == "triton_w4a16":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
-            return triton_gemm.w4_gemm(x, self.weight, self.weight_scale, self.group_size)
+            return triton_gemm.w4_gemm(x, self.w4_weight, self.w4_scale_t, self.group_size)
         if kernel == "tinygemm":
             if self.pre_quant_scale is not None:
                 x = x * self.pre_quant_scale
@@ -641,7 +673,7 @@ class QuantLinear(nn.Module):
         if step == "gemlite_a16w4" and self._lib is not None:  # its packed weight and fp32 scales
             extra = [t for t in (self.input_scale, self.pre_quant_scale, self.bias) if t is not None]
             return self._lib.nbytes + sum(t.numel() * t.element_size() for t in extra)
-        main = self.tinygemm_weight if step == "tinygemm" else self.weight
+        main = {"tinygemm": self.tinygemm_weight, "triton_w4a16": self.w4_weight}.get(step, self.weight)
         return main.numel() * main.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
 

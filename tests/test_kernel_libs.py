@@ -81,16 +81,17 @@ def emulated(fresh):
 def test_choice_follows_the_measurement_per_format_and_m_range() -> None:
     yes, no = (lambda k: True), (lambda k: False)
     big = 4096 * 4096
-    own_int4 = {"decode": "tinygemm", "prefill": "triton_dequant"}
-    # int4: tinygemm stays at M = 1 (79 vs 91 us), gemlite for M = 2..16 (156 vs 163 us at M = 8), prefill own
-    assert libs.choose("int4", own_int4, yes, big) == {"m1": "tinygemm", "decode": "gemlite_a16w4",
-                                                  "prefill": "triton_dequant"}
-    # without tinygemm (float16 / float32 models: the own plan is quantkit's Triton W4A16, slower than gemlite at
-    # M = 1 and 8 in the measurements), gemlite takes M = 1 too; gemlite absent or failing: the own plan stays
-    assert libs.choose("int4", {"decode": "triton_w4a16", "prefill": "triton_dequant"}, yes, big) == {
-        "decode": "gemlite_a16w4", "prefill": "triton_dequant"}
-    assert libs.choose("int4", {"decode": "triton_w4a16", "prefill": "triton_dequant"}, no, big) == {
-        "decode": "triton_w4a16", "prefill": "triton_dequant"}
+    # int4 as the own plan reads the H200 tune table (runtime.int4_decode_plan): tinygemm at M = 1, quantkit's
+    # W4A16 at M = 2..16 (80 us per 8B layer at M = 8 against gemlite's 123): it stays ahead of gemlite there
+    own_int4 = {"m1": "tinygemm", "decode": "triton_w4a16", "prefill": "triton_dequant"}
+    assert libs.choose("int4", own_int4, yes, big) == own_int4
+    # an own plan on tinygemm alone (untuned shapes): gemlite takes M = 2..16, tinygemm stays at M = 1
+    assert libs.choose("int4", {"decode": "tinygemm", "prefill": "triton_dequant"}, yes, big) == {
+        "m1": "tinygemm", "decode": "gemlite_a16w4", "prefill": "triton_dequant"}
+    # without tinygemm (float16 / float32 models) the own plan's W4A16 keeps every decode M; gemlite absent: same
+    for usable in (yes, no):
+        assert libs.choose("int4", {"decode": "triton_w4a16", "prefill": "triton_dequant"}, usable, big) == {
+            "decode": "triton_w4a16", "prefill": "triton_dequant"}
     for fmt in ("fp8", "fp8_pt"):  # 79 vs 167 us at M = 1; prefill: _scaled_mm was faster in the whole model
         assert libs.choose(fmt, {"decode": "torch._scaled_mm", "prefill": "torch._scaled_mm"}, yes, big) == {
             "decode": "gemlite_a8w8", "prefill": "torch._scaled_mm"}
@@ -107,8 +108,9 @@ def test_choice_follows_the_measurement_per_format_and_m_range() -> None:
     assert libs.choose("fp8", {"decode": "torch._scaled_mm", "prefill": "dequant"}, no, big) == {
         "decode": "torch._scaled_mm", "prefill": "dequant"}
     # smaller than anything measured (Llama-3.1-8B's k/v_proj, 1024 x 4096): quantkit's own plan
-    assert libs.choose("int4", own_int4, yes, 1024 * 4096 - 1) == own_int4
-    assert libs.choose("int4", own_int4, yes, 1024 * 4096)["decode"] == "gemlite_a16w4"
+    tiny_only = {"decode": "tinygemm", "prefill": "triton_dequant"}
+    assert libs.choose("int4", tiny_only, yes, 1024 * 4096 - 1) == tiny_only
+    assert libs.choose("int4", tiny_only, yes, 1024 * 4096)["decode"] == "gemlite_a16w4"
 
 
 def test_absent_library_is_skipped_with_its_reason(fresh, caplog) -> None:

@@ -281,8 +281,9 @@ q = torch.randint(-8, 8, (N, K), dtype=torch.int8)
 sc = torch.rand(N, K // G) * 0.1
 pqs = torch.rand(K) + 0.5
 ref = (x * pqs) @ (q.float() * sc.repeat_interleave(G, 1)).t()
-out["w4a16"] = rel_err(tg.w4_gemm(x * pqs, tg.pack_int4_k(q), sc, G), ref)  # M = 3: tensor-core path
-out["w4a16_m1"] = rel_err(tg.w4_gemm(x[:1] * pqs, tg.pack_int4_k(q), sc, G), ref[:1])  # M = 1: FMA path
+w4, sct = tg.pack_int4_w4(q), sc.t().contiguous()
+out["w4a16"] = rel_err(tg.w4_gemm(x * pqs, w4, sct, G), ref)  # M = 3
+out["w4a16_m1"] = rel_err(tg.w4_gemm(x[:1] * pqs, w4, sct, G), ref[:1])  # M = 1
 out["dequant8"] = rel_err(tg.dequant_int8(w, ws, torch.float32), w.float() * ws[:, None])
 ref = q.float() * sc.repeat_interleave(G, 1)
 out["dequant4"] = rel_err(tg.dequant_int4(tg.pack_int4_k(q), sc, G, torch.float32), ref)

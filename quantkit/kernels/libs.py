@@ -72,10 +72,10 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "fp8_pt": {"decode": ("gemlite_a8w8",)},
     "int8_sq": {"m1": ("triton_w8_gemv", "gemlite_a8w8"), "decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
     "int8_sq_pt": {"decode": ("gemlite_a8w8",), "prefill": ("gemlite_a8w8",)},
-    # int4: M = 1 tinygemm (79 vs 91 us), M = 2..16 gemlite (156 vs 163). quantkit's Triton W4A16 is slower than
-    # both on every measured shape (bench/RESULTS.md: 0.62-0.79x of tinygemm at M = 1, 0.42-0.75x at M = 8), so it
-    # is never listed: it runs only where the own plan has it and gemlite is absent or fails its self-check
-    "int4": {"m1": ("tinygemm", "gemlite_a16w4"), "decode": ("gemlite_a16w4",)},
+    # int4: quantkit's Triton W4A16 first wherever the own plan has it, i.e. where bench/w4a16_tune.py measured it
+    # faster than tinygemm (H200, 2026-12-04: M = 8 on every 8B shape, 80 us per layer against gemlite's 123 and
+    # tinygemm's 154; at M = 1 tinygemm 68 us against gemlite 70 and quantkit 78, so M = 1 stays on tinygemm)
+    "int4": {"m1": ("triton_w4a16", "tinygemm", "gemlite_a16w4"), "decode": ("triton_w4a16", "gemlite_a16w4")},
 }
 KERNEL_LIBRARY = {"gemlite_a8w8": GEMLITE, "gemlite_a16w4": GEMLITE}
 # CHOICES holds for layers at least as large as the smallest one measured (k/v_proj of Llama-3.1-8B, 1024 x 4096):

@@ -14,16 +14,19 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
     every program, which made the first version ALU-bound); int8 tensor-core dot with int32 accumulation, then
     scaled by in_scale * w_scale[n].
     in_scale None (INT8 weight-only): int8 weights converted to x's dtype in registers, fp32 accumulation.
-- `w4_gemm(x, w_packed, w_scale, group_size)`: INT4 block-wise weight-only (x already multiplied by any AWQ
-    pre-quant scale). Weights in quantkit's K-packed layout (`pack_int4_k`): byte [n, j] holds k = 2j in the low
-    nibble and k = 2j + 1 in the high nibble, signed two's complement in [-8, 7], read as int32 words of 8 nibbles
-    (nibble i of word j is k = 8j + i). A nibble becomes fp32 by a bit trick ((v + 8) | bits(2**23), read as fp32,
-    minus 2**23 + 8: exact), not an int-to-float conversion. M = 1: fp32 FMAs, the group scale applied once per word;
-    M <= 16: each word's 8 nibbles dequantized (q * scale in fp32, rounded once to x's dtype: the reference's weight)
-    and put back in k order for one tensor-core dot. The kernel writes split-K partial sums [split_k, M, N] in fp32
-    (`w4_gemm_partials`, a custom op) and `w4_gemm` sums them with torch, so under torch.compile the sum and the
-    cast fuse into the next kernel. Launch settings per shape: `w4a16_configs.json` (bench/w4a16_tune.py), else a
-    default split to about two programs per SM.
+- `w4_gemm(x, w_packed, w_scale_t, group_size)`: INT4 block-wise weight-only (x already multiplied by any AWQ
+    pre-quant scale), any M <= 16, on the tensor cores. Weights in quantkit's W4A16 layout (`pack_int4_w4`): int32
+    words [N, K/8], each block of 128 k stored as 16 words whose nibble i of word j is k = 128 b + 16 i + j, as the
+    unsigned code u = q + 8. So nibble i of a tile of 16 words is a [BLOCK_N, 16] slice of contiguous k, which
+    becomes bf16 / fp16 by a bit trick ((u | bits(128.0)) read as bf16 is 128 + u exactly; fp16: 1024 + u; no
+    int-to-float conversion, no reordering) and feeds one tensor-core dot (the weights are the dot's first operand,
+    which the Hopper tensor cores read from registers, so the dequantized tile never goes through shared memory).
+    The offset is taken out once per group: sum_k x_k (u_k - 8) = dot(x, 128 + u) - 136 sum_k x_k, then times the
+    group's fp32 scale (fp32 models: the exact fp32 value q and an IEEE fp32 dot). Scales are stored transposed
+    [K/group, N] so a tile's scales are one contiguous load. The kernel writes split-K partial sums [split_k, M, N]
+    in fp32 (`w4_gemm_partials`, a custom op) and `w4_gemm` sums them with torch, so under torch.compile the sum
+    and the cast fuse into the next kernel. Launch settings per shape and M regime: `w4a16_configs.json`
+    (bench/w4a16_tune.py), else a default split to about two programs per SM.
 - `w8_gemv_partials(x, w)`: M = 1 on 8-bit weights (int8 or fp8 E4M3) with x already quantized to the same kind:
     split-K partial dot products [split_k, N] in fp32 (fp32 FMAs, int8 -> fp32 by the bit trick above, or a
     tensor-core dot on the row repeated 16 times), scaled and summed by the caller. Launch settings per kind and
@@ -36,11 +39,10 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
 Measured on an H200 (bench/kernels.py, 2026-11-26, the 7 GEMMs of a Llama-3.1-8B decoder layer at M=1, vs bf16
 cuBLAS 134 us): the first W8A8 version, quantizing x inside every program, took 144 us while the same kernel
 without it (W8A16) took 104 us (1.29x); hence the caller quantizes x. W8A16 streams ~2.1 TB/s of weights where cuBLAS
-bf16 streams ~3.3 TB/s (no split-K, a handful of autotuned tile shapes). The W4A16 kernel as rewritten and tuned
-(bench/w4a16_tune.py, H200, 2026-12-01, bench/RESULTS.md) takes 0.62-0.79x of tinygemm's speed at M = 1 and
-0.42-0.75x at M = 8 on the 8B shapes (e.g. gate/up 28672 x 4096: 53 vs 33 us at M = 1), so int4 decode runs
-tinygemm wherever it can (runtime.int4_decode_plan reads the table) and this kernel is the fallback: float16 /
-float32 models, or shapes where the table says it wins.
+bf16 streams ~3.3 TB/s (no split-K, a handful of autotuned tile shapes). The previous W4A16 kernel
+(K-packed bytes, fp32 FMAs at M = 1, dequantize-and-reorder before a dot at M <= 16; bench/RESULTS.md, 2026-12-01)
+took 0.62-0.79x of tinygemm's speed at M = 1 and 0.42-0.75x at M = 8 on the 8B shapes; the kernel above replaced
+it, and runtime.int4_decode_plan takes it where its tune table measured it faster than tinygemm.
 
 The kernels run under TRITON_INTERPRET=1 on CPU as well (that is how CI checks them when Triton is installed;
 the interpreter mishandles int -> bf16, so those checks run in float32). They are registered as torch custom ops
@@ -95,23 +97,42 @@ def unpack_int4_k(p: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= 8, q - 16, q).to(torch.int8)
 
 
+W4_BLOCK_K = 128  # k per block of the W4A16 layout: 16 words x 8 nibbles, nibble i = a slice of 16 contiguous k
+_W4_SLICE = W4_BLOCK_K // 8
+
+
+def pack_int4_w4(q: torch.Tensor) -> torch.Tensor:
+    """Signed int4 values [N, K] (int8 in [-8, 7], K a multiple of 128) -> the W4A16 kernel's layout: int32
+    [N, K/8], nibble i of word j of block b = the code q + 8 of k = 128 b + 16 i + j."""
+    n, k = q.shape
+    u = (q.to(torch.int32) + 8).reshape(n, k // W4_BLOCK_K, 8, _W4_SLICE)  # [n, block, nibble i, word j]
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int32) * 4).reshape(1, 1, 8, 1)
+    return (u << shifts).sum(2, dtype=torch.int32).reshape(n, k // 8).contiguous()
+
+
+def unpack_int4_w4(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_w4`: int32 [N, K/8] -> int8 [N, K]."""
+    n, words = w.shape
+    shifts = (torch.arange(8, device=w.device, dtype=torch.int32) * 4).reshape(1, 1, 8, 1)
+    u = (w.reshape(n, words // _W4_SLICE, 1, _W4_SLICE) >> shifts) & 0xF
+    return (u - 8).to(torch.int8).reshape(n, words * 8)
+
+
 @dataclass(frozen=True)
 class W4Config:
-    """Launch settings of the W4A16 kernel for one (M regime, N, K): split_k programs along K (partial sums),
-    dot = tensor-core path (any M <= 16) or fp32 FMAs (M = 1), tile BLOCK_N x BLOCK_J int32 words."""
+    """Launch settings of the W4A16 kernel for one (M regime, N, K): split_k programs along K (partial sums), each
+    a tile of BLOCK_N output rows."""
 
     split_k: int
-    dot: bool
     block_n: int
-    block_j: int
     warps: int
     stages: int
 
 
 W4_CONFIG_FILE = Path(__file__).with_name("w4a16_configs.json")
-# where the table has no entry: a streaming shape, split along K until there are about two programs per SM of a
-# large GPU (decode GEMMs of a few thousand outputs would otherwise leave most SMs idle)
-_W4_DEFAULT = {"m1": W4Config(1, False, 16, 64, 4, 3), "decode": W4Config(1, True, 32, 32, 4, 3)}
+# where the table has no entry: split along K until there are about two programs per SM of a large GPU (decode
+# GEMMs of a few thousand outputs would otherwise leave most SMs idle)
+_W4_DEFAULT = W4Config(1, 64, 4, 3)
 _W4_MIN_PROGRAMS = 256
 
 
@@ -155,25 +176,21 @@ def _pow2_divisor(n: int) -> int:
 def w4_config(m: int, n: int, k: int) -> W4Config:
     """The tuned settings for this shape (w4a16_configs.json, measured by bench/w4a16_tune.py), else the default
     split along K to about _W4_MIN_PROGRAMS programs; either made valid for K by fit_w4_config."""
-    regime = w4_regime(m)
-    row = _w4_table()[regime].get(f"{n}x{k}")
+    row = _w4_table()[w4_regime(m)].get(f"{n}x{k}")
     if row is not None:
         return fit_w4_config(row.config, k)
-    cfg = _W4_DEFAULT[regime]
-    words, split = k // 8, 1
-    while (-(-n // cfg.block_n)) * split < _W4_MIN_PROGRAMS and words % (2 * split) == 0 \
-            and words // (2 * split) >= cfg.block_j:
+    blocks, split = k // W4_BLOCK_K, 1
+    while -(-n // _W4_DEFAULT.block_n) * split < _W4_MIN_PROGRAMS and blocks % (2 * split) == 0:
         split *= 2
-    return fit_w4_config(replace(cfg, split_k=split), k)
+    return fit_w4_config(replace(_W4_DEFAULT, split_k=split), k)
 
 
 def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
-    """`cfg` made valid for K: split_k divides the K/8 words, BLOCK_J is a power of two dividing a split's words."""
-    words = k // 8
+    """`cfg` made valid for K: split_k divides the K/128 blocks."""
     split = cfg.split_k
-    while split > 1 and (words % split or _pow2_divisor(words // split) < 2):
+    while split > 1 and (k // W4_BLOCK_K) % split:
         split //= 2
-    return replace(cfg, split_k=split, block_j=min(cfg.block_j, _pow2_divisor(words // split)))
+    return replace(cfg, split_k=split)
 
 
 @dataclass(frozen=True)
@@ -299,60 +316,52 @@ if HAVE_TRITON:
         tl.store(out_ptr + base + 1, hi.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _nibble(w, i: tl.constexpr):
-        # nibble i of each int32 word as the signed value it stores, in fp32 without an int -> float conversion
-        # (quarter rate on Hopper): (v + 8) | bits(2**23) read as fp32 is 2**23 + v + 8 exactly
-        return ((((w >> (4 * i)) & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-
-    @triton.jit
-    def _w4_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
-                   SPLIT_K: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_J: tl.constexpr):
-        # w: the K-packed bytes read as int32 words [N, K/8]; nibble i of word j is k = 8j + i
-        KW: tl.constexpr = K // 8
-        GW: tl.constexpr = GROUP // 8
-        NG: tl.constexpr = K // GROUP
-        CHUNK: tl.constexpr = KW // SPLIT_K
+    def _w4_kernel(x_ptr, w_ptr, st_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # w: int32 [N, K/8] in pack_int4_w4's layout; st: fp32 scales transposed [K/GROUP, N]
+        SLICE: tl.constexpr = 16  # k per nibble slice (W4_BLOCK_K / 8)
+        SLICES_PER_GROUP: tl.constexpr = GROUP // SLICE
+        BLOCKS: tl.constexpr = K // 128 // SPLIT_K  # blocks per split
+        dt = x_ptr.dtype.element_ty
+        FP32: tl.constexpr = dt == tl.float32
+        # the codes u = q + 8 as floats: 128 + u in bf16, 1024 + u in fp16 (exact: their spacing there is 1)
+        MAGIC: tl.constexpr = 0x4300 if dt == tl.bfloat16 else 0x6400
+        OFFSET: tl.constexpr = 136.0 if dt == tl.bfloat16 else 1032.0
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        rj = tl.arange(0, BLOCK_J)
-        rm = tl.arange(0, BLOCK_M)
+        rw = tl.minimum(rn, N - 1)  # rows past N read row N - 1 (not stored): no masked weight loads
+        rj = tl.arange(0, SLICE)
+        rm = tl.arange(0, 16)  # the dot's smallest N: M <= 16 rows of x, the rest zeros
         m_ok = rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N) if DOT else (BLOCK_N,), dtype=tl.float32)
-        for j0 in range(0, CHUNK, BLOCK_J):
-            jj = pid_k * CHUNK + j0 + rj
-            w = tl.load(w_ptr + rn[:, None] * KW + jj[None, :], mask=n_ok[:, None], other=0)
-            s = tl.load(ws_ptr + rn[:, None] * NG + (jj // GW)[None, :], mask=n_ok[:, None], other=0.0)
-            if DOT:
-                # dequantize to x's dtype (q * scale in fp32, rounded once: the reference's weight), put the 8
-                # nibbles of a word back in k order (join is register-local), one tensor-core dot
-                dt = x_ptr.dtype.element_ty
-                a = tl.join(tl.join((_nibble(w, 0) * s).to(dt), (_nibble(w, 4) * s).to(dt)),
-                            tl.join((_nibble(w, 2) * s).to(dt), (_nibble(w, 6) * s).to(dt)))
-                b = tl.join(tl.join((_nibble(w, 1) * s).to(dt), (_nibble(w, 5) * s).to(dt)),
-                            tl.join((_nibble(w, 3) * s).to(dt), (_nibble(w, 7) * s).to(dt)))
-                tile = tl.reshape(tl.join(a, b), (BLOCK_N, BLOCK_J * 8))
-                rk = (pid_k * CHUNK + j0) * 8 + tl.arange(0, BLOCK_J * 8)
-                xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
-                acc += tl.dot(xt, tl.trans(tile))
-            else:  # M = 1: fp32 FMAs, the group scale applied once per word
-                xb = x_ptr + 8 * jj
-                part = _nibble(w, 0) * tl.load(xb).to(tl.float32)[None, :]
-                part += _nibble(w, 1) * tl.load(xb + 1).to(tl.float32)[None, :]
-                part += _nibble(w, 2) * tl.load(xb + 2).to(tl.float32)[None, :]
-                part += _nibble(w, 3) * tl.load(xb + 3).to(tl.float32)[None, :]
-                part += _nibble(w, 4) * tl.load(xb + 4).to(tl.float32)[None, :]
-                part += _nibble(w, 5) * tl.load(xb + 5).to(tl.float32)[None, :]
-                part += _nibble(w, 6) * tl.load(xb + 6).to(tl.float32)[None, :]
-                part += _nibble(w, 7) * tl.load(xb + 7).to(tl.float32)[None, :]
-                acc += tl.sum(part * s, axis=1)
+        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        for b in range(BLOCKS):
+            blk = pid_k * BLOCKS + b
+            w = tl.load(w_ptr + rw[:, None] * (K // 8) + blk * SLICE + rj[None, :])
+            part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+            xsum = tl.zeros((SLICE, 16), dtype=tl.float32)
+            for i in tl.static_range(8):
+                kk = blk * 128 + i * SLICE + rj
+                xi = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=m_ok[None, :], other=0.0)
+                if FP32:  # q exactly: (u | bits(2**23)) read as fp32 is 2**23 + u
+                    wi = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                    part = tl.dot(wi, xi, part, input_precision="ieee")
+                else:
+                    wi = (((w >> (4 * i)) & 0xF) | MAGIC).to(tl.int16).to(dt, bitcast=True)
+                    part = tl.dot(wi, xi, part)
+                    xsum += xi.to(tl.float32)
+                if (i + 1) % SLICES_PER_GROUP == 0 or i == 7:  # the end of a group (or of the block)
+                    g = (blk * 128 + i * SLICE) // GROUP
+                    s = tl.load(st_ptr + g * N + rw)
+                    if FP32:
+                        acc += part * s[:, None]
+                    else:
+                        acc += (part - OFFSET * tl.sum(xsum, axis=0)[None, :]) * s[:, None]
+                        xsum = tl.zeros((SLICE, 16), dtype=tl.float32)
+                    part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         out = y_ptr + pid_k * M * N  # split k's partial sums: [SPLIT_K, M, N] fp32, summed by the caller
-        if DOT:
-            tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-        else:
-            tl.store(out + rn, acc, mask=n_ok)
+        tl.store(out + rm[None, :] * N + rn[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
 
     @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
@@ -404,19 +413,19 @@ def _launch_w8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in_scale
     return y
 
 
-def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int,
+def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_size: int,
               cfg: W4Config | None = None) -> torch.Tensor:
-    """The kernel's partial sums [split_k, M, N] under `cfg` (default: w4_config's; bench/w4a16_tune.py sets it)."""
+    """The kernel's partial sums [split_k, M, N] under `cfg` (default: w4_config's; bench/w4a16_tune.py sets it);
+    w in pack_int4_w4's layout, w_scale_t the fp32 group scales transposed [K/group, N]."""
     m, k = x.shape
     n = w.shape[0]
     cfg = cfg or w4_config(m, n, k)
-    if (k // 8) % (cfg.split_k * cfg.block_j) or (cfg.dot and cfg.block_n < 16):
-        raise ValueError(f"W4A16 config {cfg} does not fit K = {k} (fit_w4_config makes it fit)")
+    if (k // W4_BLOCK_K) % cfg.split_k or m > MAX_M:
+        raise ValueError(f"W4A16 config {cfg} does not fit K = {k}, M = {m} (fit_w4_config makes it fit K)")
     y = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     _w4_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-        x, w.view(torch.int32), w_scale, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k,
-        DOT=cfg.dot, BLOCK_M=MAX_M, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_j, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        x, w, w_scale_t, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 
@@ -437,21 +446,22 @@ def _(x, w, w_scale, in_scale=None, out_dtype=None):
 
 
 @torch.library.custom_op("quantkit::w4_gemm_partials", mutates_args=())
-def w4_gemm_partials(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 partial products [split_k, M, N] of x @ dequant(w)^T (K-packed int4 [N, K/2], fp32 group scales
-    [N, K/group]): the caller sums them, so that under torch.compile the sum and the cast fuse into what follows."""
-    return launch_w4(x.contiguous(), w, w_scale, group_size)
+def w4_gemm_partials(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 partial products [split_k, M, N] of x @ dequant(w)^T (w in pack_int4_w4's layout, fp32 group scales
+    transposed [K/group, N]): the caller sums them, so that under torch.compile the sum and the cast fuse into
+    what follows."""
+    return launch_w4(x.contiguous(), w, w_scale_t, group_size)
 
 
 @w4_gemm_partials.register_fake
-def _(x, w, w_scale, group_size):
+def _(x, w, w_scale_t, group_size):
     m, k = x.shape
     return x.new_empty((w4_config(m, w.shape[0], k).split_k, m, w.shape[0]), dtype=torch.float32)
 
 
-def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int) -> torch.Tensor:
+def w4_gemm(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_size: int) -> torch.Tensor:
     """y = x @ dequant(w)^T in x's dtype (see w4_gemm_partials); x already multiplied by any pre-quant scale."""
-    parts = w4_gemm_partials(x, w, w_scale, group_size)
+    parts = w4_gemm_partials(x, w, w_scale_t, group_size)
     return (parts[0] if parts.shape[0] == 1 else parts.sum(0)).to(x.dtype)
 
 
@@ -483,9 +493,10 @@ def _(x, w):
 
 
 def w4_supported(in_features: int, group_size: int) -> bool:
-    """The kernel reads whole int32 words of 8 nibbles that never straddle a group, at least two per step (the
-    tensor-core dot needs 16 k)."""
-    return in_features % 16 == 0 and group_size % 8 == 0 and in_features % group_size == 0
+    """The kernel reads blocks of 128 k in slices of 16 (the tensor-core dot's smallest K), each slice inside one
+    group: K a multiple of 128, the group a multiple of 16 that divides 128 or is a multiple of it."""
+    return (in_features % W4_BLOCK_K == 0 and group_size % _W4_SLICE == 0 and in_features % group_size == 0
+            and (W4_BLOCK_K % group_size == 0 or group_size % W4_BLOCK_K == 0))
 
 
 @torch.library.custom_op("quantkit::dequant_int8", mutates_args=())
