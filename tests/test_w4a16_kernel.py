@@ -4,7 +4,8 @@ The kernel runs in Triton's interpreter on CPU (float32, and float16 for the bit
 group; the interpreter mishandles bf16, which the GPU test and the runtime's load-time self-check cover): groups
 smaller than, equal to and larger than the 128-k block, M = 1 to 16, split-K partial sums and shapes whose N is not
 a multiple of the tile must give x @ (q * scale)^T computed from the unpacked integers with torch. The launch
-settings must fit any K a model has, and the int4 plan must follow what the table measured (kernels/w4a16_configs.json, bench/w4a16_tune.py)."""
+settings must fit any K a model has, and the int4 plan must follow what the table measured
+(kernels/w4a16_configs.json, bench/w4a16_tune.py)."""
 
 from __future__ import annotations
 
