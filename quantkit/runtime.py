@@ -38,27 +38,28 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
   (0.46x); quantkit's Triton W8A8 168 us at M=1 with the eager quantization (W8A16, same kernel without it: 104
   us, 1.29x). In the whole model (compiled, fused q/k/v): 1.33x of bf16 at batch 1. Prefill: _int_mm (1492 us)
   beat dequantize-then-cuBLAS (1595 us).
-- int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 is the
-  fallback (rewritten 2026-12-01: still 0.62-0.79x of tinygemm per 8B shape at M=1, bench/w4a16_tune.py; the plan
-  per shape and regime follows kernels/w4a16_configs.json, `int4_decode_plan`); prefill: one-pass Triton
-  dequantization + cuBLAS 920 us (0.74x), torch ops 5.1 ms.
+- int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 (rewritten
+  for the tensor cores 2026-12-04, bench/w4a16_tune.py on the 8B shapes: 80 us per layer at M = 8 against
+  tinygemm's 154 and gemlite's 123, 78 us at M = 1 against tinygemm's 68) takes M = 2..16; the plan per shape and
+  regime follows kernels/w4a16_configs.json (`int4_decode_plan`); prefill: one-pass Triton dequantization +
+  cuBLAS 920 us (0.74x), torch ops 5.1 ms.
 | format      | CUDA, M <= 16 (decode)                           | CUDA, M > 16 (prefill)                 | CPU     |
 |-------------|--------------------------------------------------|----------------------------------------|---------|
 | fp8, fp8_pt | torch._scaled_mm (sm89+; M padded to 16; row-wise | torch._scaled_mm                       | dequant |
 |             | scales for per-token / per-channel / fused)      |                                        |         |
 | int8_sq(_pt)| quantkit Triton W8A8 (int8 tensor cores)         | torch._int_mm (cuBLASLt)               | dequant |
 | int8_wo     | quantkit Triton W8A16                            | triton_dequant + cuBLAS                | dequant |
-| int4 (W4A16)| aten._weight_int4pack_mm (tinygemm)              | triton_dequant + cuBLAS                | dequant |
+| int4 (W4A16)| M = 1 tinygemm, M = 2..16 quantkit Triton W4A16   | triton_dequant + cuBLAS                | dequant |
 | w4a8_awq    | dequant (emulation; no W4A8 kernel in PyTorch)   | dequant                                | dequant |
 Maintained libraries take over where they measured faster (kernels/libs.py has the H200 table and `CHOICES`;
 gemlite 0.6.0.post2 today): int8_sq(_pt) at every M and fp8, fp8_pt at decode (M <= 16) on gemlite's A8W8
 GEMV/GEMM (79-116 us at M <= 16, 512 us at M = 1024, with quantkit's own activation quantization, i.e. the
-checkpoint's static or per-token scales; fp8 prefill stays on _scaled_mm, faster in the whole model), int4 at
-M = 2..16 on gemlite's A16W4 (tinygemm stays at M = 1; regime "m1" in the plan). fp8 and int8_sq with static
-activation scales run M = 1 on quantkit's split-K 8-bit GEMV on the shapes where bench/w8_tune.py measured it
-faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against 3.44 ms per step). Each
-is self-checked at load on each layer's own tensors against the dequantize path (`library_kernel_ok`) and recorded
-with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
+checkpoint's static or per-token scales; fp8 prefill stays on _scaled_mm, faster in the whole model), int4
+at M = 2..16 on gemlite's A16W4 only where quantkit's W4A16 has no tuned win (tinygemm stays at M = 1).
+fp8 and int8_sq with static activation scales run M = 1 on quantkit's split-K 8-bit GEMV on the shapes where
+bench/w8_tune.py measured it faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against
+3.44 ms per step). Each is self-checked at load on each layer's own tensors against the dequantize path
+(`library_kernel_ok`) and recorded with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
 in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
 "dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
 ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
