@@ -59,7 +59,8 @@ at M = 2..16 on gemlite's A16W4 only where quantkit's W4A16 has no tuned win (ti
 fp8 and int8_sq with static activation scales run M = 1 on quantkit's split-K 8-bit GEMV on the shapes where
 bench/w8_tune.py measured it faster than gemlite (o_proj and down_proj for fp8 on Llama-3.1-8B: 3.10 against
 3.44 ms per step). Each is self-checked at load on each layer's own tensors against the dequantize path
-(`library_kernel_ok`) and recorded with its version under "library" in `model.quantkit_kernels`; an absent or failing library leaves the table above
+(`library_kernel_ok`) and recorded with its version under "library" in `model.quantkit_kernels`; an absent or
+failing library leaves the table above
 in force, with the reason logged; QUANTKIT_KERNEL_LIBS=none turns them off.
 "dequant" = the clearly labelled reference path: the stored quantized weight is dequantized *per call* with torch
 ops (the model's memory stays quantized) and multiplied with F.linear in the model dtype, activations
