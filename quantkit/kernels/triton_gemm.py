@@ -317,11 +317,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _w4_kernel(x_ptr, w_ptr, st_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, GROUP: tl.constexpr,
-                   SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        # w: int32 [N, K/8] in pack_int4_w4's layout; st: fp32 scales transposed [K/GROUP, N]
-        SLICE: tl.constexpr = 16  # k per nibble slice (W4_BLOCK_K / 8)
+                   SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # w: int32 [N, K/8] in pack_int4_w4's layout (BLOCK_K = W4_BLOCK_K); st: fp32 scales transposed [K/GROUP, N]
+        SLICE: tl.constexpr = BLOCK_K // 8  # k per nibble slice: the dot's K
         SLICES_PER_GROUP: tl.constexpr = GROUP // SLICE
-        BLOCKS: tl.constexpr = K // 128 // SPLIT_K  # blocks per split
+        BLOCKS: tl.constexpr = K // BLOCK_K // SPLIT_K  # blocks per split
         dt = x_ptr.dtype.element_ty
         FP32: tl.constexpr = dt == tl.float32
         # the codes u = q + 8 as floats: 128 + u in bf16, 1024 + u in fp16 (exact: their spacing there is 1)
@@ -342,7 +342,7 @@ if HAVE_TRITON:
             part = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
             xsum = tl.zeros((SLICE, 16), dtype=tl.float32)
             for i in tl.static_range(8):
-                kk = blk * 128 + i * SLICE + rj
+                kk = blk * BLOCK_K + i * SLICE + rj
                 xi = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=m_ok[None, :], other=0.0)
                 if FP32:  # q exactly: (u | bits(2**23)) read as fp32 is 2**23 + u
                     wi = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
@@ -352,7 +352,7 @@ if HAVE_TRITON:
                     part = tl.dot(wi, xi, part)
                     xsum += xi.to(tl.float32)
                 if (i + 1) % SLICES_PER_GROUP == 0 or i == 7:  # the end of a group (or of the block)
-                    g = (blk * 128 + i * SLICE) // GROUP
+                    g = (blk * BLOCK_K + i * SLICE) // GROUP
                     s = tl.load(st_ptr + g * N + rw)
                     if FP32:
                         acc += part * s[:, None]
@@ -425,7 +425,7 @@ def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_s
     y = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     _w4_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
         x, w, w_scale_t, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 
