@@ -6,9 +6,11 @@ down 4096x14336); other shapes run the kernel's default settings and tinygemm. R
 ("decode"; it serves M = 2..16). Each candidate runs as a CUDA-graph replay over enough weight copies that no call
 is served from L2 (median, triton.testing.do_bench_cudagraph), next to tinygemm (aten._weight_int4pack_mm), gemlite's
 A16W4 (where gemlite is installed: quantkit's layout of it, kernels/libs.py) and bf16 cuBLAS on the same shape;
-every winner is checked against the dequantized weight (rel err < 1e-2).
+every winner is checked against the dequantized weight (rel err < 1e-2). At M = 1 the candidates include the
+FMA GEMV on the same layout (`W4Config.gemv`), so the table's M = 1 row is whichever of the two kernels won.
+`--write` replaces only the rows measured (`--m 1` keeps the "decode" rows).
 
-    python bench/w4a16_tune.py [--m 1,8] [--group 128] [--write]
+    python bench/w4a16_tune.py [--m 1,8] [--group 128] [--shapes NxK,...] [--write]
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ L2_DEFEAT_BYTES = 256 * 2**20  # weight bytes rotated per timed replay (H200 L2:
 
 
 def candidates(m: int, n: int, k: int) -> list[tg.W4Config]:
-    """First pass: tile heights and splits at 4 warps (8 for the tallest tiles) / 3 stages."""
+    """First pass: tile heights and splits at 4 warps (8 for the tallest tiles) / 3 stages; at M = 1 also the
+    GEMV's tile heights x blocks per step (at most 512 rows x blocks: registers)."""
     blocks = k // tg.W4_BLOCK_K
+    shapes = [(bn, 1, False) for bn in (64, 128, 256)]
+    if m == 1:
+        shapes += [(bn, step, True) for bn, step in itertools.product((32, 64, 128, 256), (1, 2, 4))
+                   if bn * step <= 512]
     out = []
-    for bn, split in itertools.product((64, 128, 256), (1, 2, 4, 8, 16)):
+    for (bn, step, gemv), split in itertools.product(shapes, (1, 2, 4, 8, 16)):
         programs = -(-n // bn) * split
-        if blocks % split or not 132 <= programs <= 132 * 16:  # at least one program per SM, not thousands
+        if blocks % split or blocks // split % step or not 132 <= programs <= 132 * 16:  # >= 1 program per SM
             continue
-        cfg = tg.W4Config(split, bn, 8 if bn == 256 else 4, 3)
+        cfg = tg.W4Config(split, bn, 8 if bn == 256 else 4, 3, gemv, step)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -50,8 +57,8 @@ def candidates(m: int, n: int, k: int) -> list[tg.W4Config]:
 
 def refinements(best: list[tg.W4Config]) -> list[tg.W4Config]:
     """Second pass: warps and pipeline stages of the first pass's best few."""
-    return [replace(c, warps=w, stages=s) for c in best for w, s in itertools.product((4, 8), (2, 3, 4, 5))
-            if (w, s) != (c.warps, c.stages)]
+    return [replace(c, warps=w, stages=s) for c in best for w, s in itertools.product((4, 8), (1, 2, 3, 4, 5))
+            if (w, s) != (c.warps, c.stages) and (s > 1 or c.gemv)]
 
 
 def timer(fn, copies: int):
@@ -81,10 +88,14 @@ def search(first: list, refine: Callable[[list], list], top: int, label: str, me
 
 
 def report(lines: list[str], table: dict, path: Path, write: bool) -> None:
-    """Print the markdown table; with `write`, the winners to the runtime's config file."""
+    """Print the markdown table; with `write`, the winners into the runtime's config file (rows of other regimes
+    and shapes stay as they were measured)."""
     print("\n" + "\n".join(lines))
     if write:
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        for group, rows in table.items():
+            merged.setdefault(group, {}).update(rows)
+        path.write_text(json.dumps(merged, indent=1) + "\n")
         print(f"wrote {path}")
 
 
@@ -146,8 +157,8 @@ def main() -> None:
     t0 = time.perf_counter()
     print(f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}; group {args.group}", flush=True)
     table: dict[str, dict[str, dict]] = {"m1": {}, "decode": {}}
-    lines = ["| N x K | M | best config (split, block n, warps, stages) | W4A16 us | tinygemm us | gemlite A16W4 us | "
-             "bf16 us | vs tinygemm | vs gemlite | vs bf16 | GB/s | tried |",
+    lines = ["| N x K | M | best config (kernel: split, block n, warps, stages) | W4A16 us | tinygemm us | "
+             "gemlite A16W4 us | bf16 us | vs tinygemm | vs gemlite | vs bf16 | GB/s | tried |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     for n, k in shapes:
@@ -160,7 +171,9 @@ def main() -> None:
             gem = "-" if r["gemlite_us"] is None else f"{r['gemlite_us']:.1f}"
             vs_gem = "-" if r["gemlite_us"] is None else f"{r['gemlite_us'] / us:.2f}x"
             gbs = (n * k // 2 + n * (k // args.group) * 4) / us / 1e3
-            lines.append(f"| {n} x {k} | {r['m']} | {best.split_k}, {best.block_n}, {best.warps}, {best.stages} | "
+            kind = f"GEMV x{best.step_blocks}" if best.gemv else "tensor cores"
+            lines.append(f"| {n} x {k} | {r['m']} | {kind}: {best.split_k}, {best.block_n}, {best.warps}, "
+                         f"{best.stages} | "
                          f"{us:.1f} | {r['tinygemm_us']:.1f} | {gem} | {r['bf16_us']:.1f} | "
                          f"{r['tinygemm_us'] / us:.2f}x | {vs_gem} | {r['bf16_us'] / us:.2f}x | {gbs:.0f} | "
                          f"{r['tried']} |")

@@ -219,15 +219,17 @@ def kernel_ok(name: str, device: torch.device) -> bool:
         elif name == "triton_w8a16":
             got = triton_gemm.w8_gemm(x.to(device, dt), d["w8"], d["ws"])
             ref = x.to(dt).float() @ (w8.float() * ws[:, None]).t()
-        elif name == "triton_w4a16":  # M = 1 and M = 3, groups smaller than a 128-k block and as large
+        elif name == "triton_w4a16":  # M = 1 (both kernels) and M = 3, groups smaller than a 128-k block and as large
             xs = (x.to(dt) * pqs.to(dt)).to(device)
             w4 = triton_gemm.pack_int4_w4(q4).to(device)
+            gemv = triton_gemm.W4Config(2, 16, 4, 2, gemv=True, step_blocks=1)
             got, ref = [], []
             for grp, gsc in ((group, gs), (k, gs[:, :1].contiguous())):
                 st = gsc.t().contiguous().to(device)
-                got += [triton_gemm.w4_gemm(xs[:1], w4, st, grp), triton_gemm.w4_gemm(xs, w4, st, grp)]
+                got += [triton_gemm.w4_gemm(xs[:1], w4, st, grp), triton_gemm.w4_gemm(xs, w4, st, grp),
+                        triton_gemm.launch_w4(xs[:1], w4, st, grp, gemv).sum(0).to(dt)]
                 r = xs.float().cpu() @ (q4.float() * gsc.repeat_interleave(grp, 1)).t()
-                ref += [r[:1], r]
+                ref += [r[:1], r, r[:1]]
             got, ref = torch.cat(got), torch.cat(ref)
         elif name == "triton_dequant8":
             got = triton_gemm.dequant_int8(d["w8"], d["ws"], dt)

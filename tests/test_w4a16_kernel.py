@@ -35,11 +35,16 @@ for n, k, group, m, dt in [(40, 256, 64, 1, "float32"), (40, 256, 64, 5, "float3
     scale = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
     x = torch.randn(m, k, generator=g).to(getattr(torch, dt))
     ref = x.double() @ (q.double() * scale.double().repeat_interleave(group, 1)).t()
-    for split in (1, 2, 4):
-        cfg = tg.fit_w4_config(tg.W4Config(split, 16, 4, 2), k)
+    # the tensor-core kernel at every M; at M = 1 also the GEMV, one and two blocks per step
+    configs = [tg.W4Config(split, 16, 4, 2) for split in (1, 2, 4)]
+    if m == 1:
+        configs += [tg.W4Config(split, 16, 4, 2, True, step) for split in (1, 2) for step in (1, 2)]
+    for cfg in configs:
+        cfg = tg.fit_w4_config(cfg, k)
         parts = tg.launch_w4(x, w4, scale.t().contiguous(), group, cfg)
         err = ((parts.sum(0).double() - ref).norm() / ref.norm()).item()
-        out.append([n, k, group, m, dt, cfg.split_k, list(parts.shape), err])
+        label = f"gemv{cfg.split_k}x{cfg.step_blocks}" if cfg.gemv else cfg.split_k
+        out.append([n, k, group, m, dt, label, list(parts.shape), err])
     y = tg.w4_gemm(x, w4, scale.t().contiguous(), group)  # the default settings, through the custom op
     out.append([n, k, group, m, dt, "w4_gemm", list(y.shape), ((y.double() - ref).norm() / ref.norm()).item()])
 print("RESULT " + json.dumps(out))
@@ -53,14 +58,17 @@ def test_kernel_matches_the_integer_reference_in_the_interpreter() -> None:
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     rows = json.loads(line[0][len("RESULT "):])
-    splits = {r[5] for r in rows if r[5] != "w4_gemm"}
-    assert {1, 2, 4} <= splits  # split-K really ran (its partial sums add up)
-    for n, k, group, m, dt, split, shape, err in rows:
+    labels = {r[5] for r in rows}
+    assert {1, 2, 4} <= labels  # split-K really ran (its partial sums add up)
+    assert {"gemv1x1", "gemv2x2", "gemv1x2"} <= labels  # the GEMV split along K and several blocks per step
+    for n, k, group, m, dt, label, shape, err in rows:
         # float32: exact integers and an IEEE dot; float16: the offset's cancellation costs a few fp32 ulps of
-        # 1032 * sum(x), and w4_gemm's result is rounded to fp16 (2**-11)
-        bound = 1e-6 if dt == "float32" else 1e-3 if split == "w4_gemm" else 1e-4
-        assert err < bound, (n, k, group, m, dt, split, err)
-        assert shape == ([m, n] if split == "w4_gemm" else [split, m, n])
+        # 1032 * sum(x), and w4_gemm's result is rounded to fp16 (2**-11); the GEMV computes q * x in fp32 (exact
+        # integers, no offset to take out) in every dtype
+        bound = 1e-6 if dt == "float32" or str(label).startswith("gemv") else 1e-3 if label == "w4_gemm" else 1e-4
+        assert err < bound, (n, k, group, m, dt, label, err)
+        split = int(label[4:].split("x")[0]) if str(label).startswith("gemv") else label
+        assert shape == ([m, n] if label == "w4_gemm" else [split, m, n])
 
 
 def test_launch_settings_fit_every_k() -> None:
@@ -76,6 +84,14 @@ def test_launch_settings_fit_every_k() -> None:
     cfg = tg.w4_config(1, 1024, 4096)
     assert cfg.split_k > 1 and -(-1024 // cfg.block_n) * cfg.split_k >= 256
     assert tg.w4_config(1, 64, 128).split_k == 1
+    # the GEMV's blocks per step divide a split's blocks: 14336 = 112 blocks, split 16 -> 7 blocks, one per step
+    assert tg.fit_w4_config(tg.W4Config(16, 64, 4, 3, True, 4), 14336).step_blocks == 1
+    assert tg.fit_w4_config(tg.W4Config(4, 64, 4, 3, True, 4), 14336) == tg.W4Config(4, 64, 4, 3, True, 4)
+    with pytest.raises(ValueError, match="M = 1"):  # the GEMV is for one row only
+        import torch
+
+        tg.launch_w4(torch.zeros(2, 256), torch.zeros(16, 32, dtype=torch.int32), torch.ones(2, 16), 128,
+                     tg.W4Config(1, 16, 4, 2, True, 1))
 
 
 @pytest.fixture
@@ -130,3 +146,10 @@ def test_kernel_on_cuda_reproduces_the_dequantize_reference() -> None:
                 ref = lay._dequant_forward(x).float()
                 err = ((lay(x).float() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, (group, n, k, m, err)
+            # M = 1 on both kernels whatever the table chose: the GEMV and the tensor cores
+            x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
+            ref = lay._dequant_forward(x).float()
+            for cfg in (tg.W4Config(4, 128, 4, 3, True, 2), tg.W4Config(4, 128, 4, 3)):
+                got = tg.launch_w4(x, lay.w4_weight, lay.w4_scale_t, group, tg.fit_w4_config(cfg, k)).sum(0)
+                err = ((got - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, (group, n, k, cfg, err)

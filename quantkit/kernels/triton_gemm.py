@@ -27,6 +27,11 @@ compile-time constant: a model has only a few distinct K, and a constant trip co
     in fp32 (`w4_gemm_partials`, a custom op) and `w4_gemm` sums them with torch, so under torch.compile the sum
     and the cast fuse into the next kernel. Launch settings per shape and M regime: `w4a16_configs.json`
     (bench/w4a16_tune.py), else a default split to about two programs per SM.
+    At M = 1 a config may pick the GEMV on the same layout instead (`W4Config.gemv`, `_w4_gemv_kernel`): the tensor-core
+    kernel at M = 1 waits on its chain of dots (78 us per 8B layer against tinygemm's 68), while a GEMV needs only
+    one logic op, one add and one FMA per weight (a nibble masked in place into the fp32 exponent of 2**23, x taken
+    times 16**-p), with the same partial-sum output. Not measured on a GPU yet: the shipped table has no GEMV row,
+    so no plan runs it until bench/w4a16_tune.py --m 1 --write measures it faster (the self-check covers it).
 - `w8_gemv_partials(x, w)`: M = 1 on 8-bit weights (int8 or fp8 E4M3) with x already quantized to the same kind:
     split-K partial dot products [split_k, N] in fp32 (fp32 FMAs, int8 -> fp32 by the bit trick above, or a
     tensor-core dot on the row repeated 16 times), scaled and summed by the caller. Launch settings per kind and
@@ -127,6 +132,8 @@ class W4Config:
     block_n: int
     warps: int
     stages: int
+    gemv: bool = False  # M = 1 only: the fp32-FMA GEMV on the same layout instead of the tensor-core kernel
+    step_blocks: int = 1  # GEMV: 128-k blocks per loop step (a power of two)
 
 
 W4_CONFIG_FILE = Path(__file__).with_name("w4a16_configs.json")
@@ -186,11 +193,12 @@ def w4_config(m: int, n: int, k: int) -> W4Config:
 
 
 def fit_w4_config(cfg: W4Config, k: int) -> W4Config:
-    """`cfg` made valid for K: split_k divides the K/128 blocks."""
+    """`cfg` made valid for K: split_k divides the K/128 blocks, and step_blocks a split's blocks."""
     split = cfg.split_k
     while split > 1 and (k // W4_BLOCK_K) % split:
         split //= 2
-    return replace(cfg, split_k=split)
+    step = min(cfg.step_blocks, _pow2_divisor(k // W4_BLOCK_K // split))
+    return replace(cfg, split_k=split, step_blocks=step)
 
 
 @dataclass(frozen=True)
@@ -364,6 +372,47 @@ if HAVE_TRITON:
         tl.store(out + rm[None, :] * N + rn[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
 
     @triton.jit
+    def _w4_gemv_kernel(x_ptr, w_ptr, st_ptr, y_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, STEP: tl.constexpr, BLOCK_K: tl.constexpr):
+        # M = 1 on the same layout with fp32 FMAs (no tensor-core chain to wait on): a tile [BLOCK_N, STEP, 16]
+        # words = STEP blocks of 128 k. Nibble p of a word masked in place and or-ed into the exponent of 2**23 is
+        # exactly the fp32 2**23 + u * 16**p (p <= 4: below 2**24), so q * 16**p = that - (2**23 + 8 * 16**p)
+        # and x is taken times 16**-p (exact): one logic op, one add, one FMA per weight; nibbles 5..7 are
+        # nibbles 2..4 of the word shifted by 12 (one shift per word).
+        SLICE: tl.constexpr = BLOCK_K // 8
+        SLICES_PER_GROUP: tl.constexpr = GROUP // SLICE
+        BLOCKS: tl.constexpr = K // BLOCK_K // SPLIT_K
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rw = tl.minimum(rn, N - 1)  # rows past N read row N - 1 (not stored)
+        rb = tl.arange(0, STEP)
+        rj = tl.arange(0, SLICE)
+        acc = tl.zeros((BLOCK_N, STEP, SLICE), dtype=tl.float32)
+        for b0 in range(0, BLOCKS, STEP):
+            blk = pid_k * BLOCKS + b0 + rb
+            w = tl.load(w_ptr + rw[:, None, None] * (K // 8) + blk[None, :, None] * SLICE + rj[None, None, :])
+            high = w >> 12
+            part = tl.zeros((BLOCK_N, STEP, SLICE), dtype=tl.float32)
+            for i in tl.static_range(8):
+                if i < 5:
+                    src, shift = w, 4 * i
+                else:
+                    src, shift = high, 4 * i - 12
+                wi = ((src & (0xF << shift)) | 0x4B000000).to(tl.float32, bitcast=True) - (
+                    8388608.0 + 8.0 * (1 << shift))
+                kk = blk[:, None] * BLOCK_K + i * SLICE + rj[None, :]
+                xi = tl.load(x_ptr + kk).to(tl.float32) * (1.0 / (1 << shift))
+                part += wi * xi[None, :, :]
+                if (i + 1) % SLICES_PER_GROUP == 0 or i == 7:  # the end of a group (or of the block)
+                    g = (blk * BLOCK_K + i * SLICE) // GROUP
+                    s = tl.load(st_ptr + g[None, :] * N + rw[:, None])
+                    acc += part * s[:, :, None]
+                    part = tl.zeros((BLOCK_N, STEP, SLICE), dtype=tl.float32)
+        tl.store(y_ptr + pid_k * N + rn, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n_ok)
+
+    @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one activation row x [K] (8-bit, quantized by the caller), 8-bit weights [N, K] row-major: split k's
@@ -423,9 +472,16 @@ def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_s
     if (k // W4_BLOCK_K) % cfg.split_k or m > MAX_M:
         raise ValueError(f"W4A16 config {cfg} does not fit K = {k}, M = {m} (fit_w4_config makes it fit K)")
     y = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
-    _w4_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-        x, w, w_scale_t, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n,
-        BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if cfg.gemv:
+        if m != 1 or (k // W4_BLOCK_K // cfg.split_k) % cfg.step_blocks:
+            raise ValueError(f"W4A16 GEMV config {cfg} takes M = 1 and step_blocks dividing a split (M = {m}, "
+                             f"K = {k}; fit_w4_config makes it fit K)")
+        _w4_gemv_kernel[grid](x, w, w_scale_t, y, n, k, GROUP=group_size, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n,
+                              STEP=cfg.step_blocks, BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
+        return y
+    _w4_kernel[grid](x, w, w_scale_t, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k,
+                     BLOCK_N=cfg.block_n, BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 
