@@ -102,6 +102,7 @@ def unpack_int4_k(p: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= 8, q - 16, q).to(torch.int8)
 
 
+_FP32_EXPONENT_2_23 = 0x4B000000  # the bits of fp32 2**23: or-ed with an integer v < 2**23, it reads as 2**23 + v
 W4_BLOCK_K = 128  # k per block of the W4A16 layout: 16 words x 8 nibbles, nibble i = a slice of 16 contiguous k
 _W4_SLICE = W4_BLOCK_K // 8
 
@@ -372,13 +373,16 @@ if HAVE_TRITON:
         tl.store(out + rm[None, :] * N + rn[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
 
     @triton.jit
-    def _w4_gemv_kernel(x_ptr, w_ptr, st_ptr, y_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, STEP: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _w4_gemv_kernel(x_ptr, w_ptr, st_ptr, y_ptr, N, exponent, K: tl.constexpr, GROUP: tl.constexpr,
+                        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr, BLOCK_K: tl.constexpr):
         # M = 1 on the same layout with fp32 FMAs (no tensor-core chain to wait on): a tile [BLOCK_N, STEP, 16]
         # words = STEP blocks of 128 k. Nibble p of a word masked in place and or-ed into the exponent of 2**23 is
         # exactly the fp32 2**23 + u * 16**p (p <= 4: below 2**24), so q * 16**p = that - (2**23 + 8 * 16**p)
         # and x is taken times 16**-p (exact): one logic op, one add, one FMA per weight; nibbles 5..7 are
-        # nibbles 2..4 of the word shifted by 12 (one shift per word).
+        # nibbles 2..4 of the word shifted by 12 (one shift per word). `exponent` (the bits of 2**23) comes as an
+        # argument, not a constant: a SASS LOP3 takes one immediate, so (w & mask) | exponent is one instruction
+        # only when the second operand sits in a register (with two constants ptxas emits two; checked offline in
+        # the SASS compiled for sm_90).
         SLICE: tl.constexpr = BLOCK_K // 8
         SLICES_PER_GROUP: tl.constexpr = GROUP // SLICE
         BLOCKS: tl.constexpr = K // BLOCK_K // SPLIT_K
@@ -400,7 +404,7 @@ if HAVE_TRITON:
                     src, shift = w, 4 * i
                 else:
                     src, shift = high, 4 * i - 12
-                wi = ((src & (0xF << shift)) | 0x4B000000).to(tl.float32, bitcast=True) - (
+                wi = ((src & (0xF << shift)) | exponent).to(tl.float32, bitcast=True) - (
                     8388608.0 + 8.0 * (1 << shift))
                 kk = blk[:, None] * BLOCK_K + i * SLICE + rj[None, :]
                 xi = tl.load(x_ptr + kk).to(tl.float32) * (1.0 / (1 << shift))
@@ -477,8 +481,9 @@ def launch_w4(x: torch.Tensor, w: torch.Tensor, w_scale_t: torch.Tensor, group_s
         if m != 1 or (k // W4_BLOCK_K // cfg.split_k) % cfg.step_blocks:
             raise ValueError(f"W4A16 GEMV config {cfg} takes M = 1 and step_blocks dividing a split (M = {m}, "
                              f"K = {k}; fit_w4_config makes it fit K)")
-        _w4_gemv_kernel[grid](x, w, w_scale_t, y, n, k, GROUP=group_size, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n,
-                              STEP=cfg.step_blocks, BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
+        _w4_gemv_kernel[grid](x, w, w_scale_t, y, n, _FP32_EXPONENT_2_23, k, GROUP=group_size, SPLIT_K=cfg.split_k,
+                              BLOCK_N=cfg.block_n, STEP=cfg.step_blocks, BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps,
+                              num_stages=cfg.stages)
         return y
     _w4_kernel[grid](x, w, w_scale_t, y, m, n, k, x.stride(0), GROUP=group_size, SPLIT_K=cfg.split_k,
                      BLOCK_N=cfg.block_n, BLOCK_K=W4_BLOCK_K, num_warps=cfg.warps, num_stages=cfg.stages)
