@@ -2,6 +2,7 @@
 # Device-side driver for the GPU machine (no package registry there): stage what was carried (bench/gpu_stage.sh),
 # then run the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh env tests kernels smoke full
+#   bash bench/gpu_session.sh w4tune w4test   (M = 1 W4A16 tune written into the table, copied to $OUT; its GPU test)
 set -o pipefail
 OUT=${OUT:-/tmp/qk-out}
 mkdir -p "$OUT"
@@ -16,6 +17,13 @@ for step in "$@"; do
       PYTHONPATH=$PWD/tests:$PYTHONPATH QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_runtime.py -q -s -rs \
         -k "${TESTS_K:-not interpreter}" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
         | grep -E "rel err|passed|failed|Error|error|assert|SKIP" | head -80 ;;
+    w4tune)
+      timeout "${W4TUNE_TIMEOUT:-330}" python3 bench/w4a16_tune.py --m "${W4TUNE_M:-1}" --write 2>&1 \
+        | tee "$OUT/w4tune.log" | grep -v -E "WARN|warn" | tail -16
+      cp quantkit/kernels/w4a16_configs.json "$OUT/" ;;
+    w4test)
+      QUANTKIT_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/test_w4a16_kernel.py -q -k cuda \
+        -p no:cacheprovider 2>&1 | tee "$OUT/w4test.log" | tail -5 ;;
     kernels)
       timeout "${KERNELS_TIMEOUT:-200}" python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 \
         | tee "$OUT/kernels.log" | grep -v -E "WARN|warn" | tail -40 ;;
