@@ -101,8 +101,15 @@ def table(tmp_path, monkeypatch):
 
 def test_the_int4_plan_follows_the_measured_table(table) -> None:
     cfg = {"split_k": 2, "block_n": 64, "warps": 4, "stages": 3}
-    table({"m1": {"6144x4096": {"config": cfg, "us": 20.0, "tinygemm_us": 30.0}},
+    gemv = {"split_k": 16, "block_n": 256, "warps": 4, "stages": 2, "gemv": True, "step_blocks": 1}
+    table({"m1": {"6144x4096": {"config": cfg, "us": 20.0, "tinygemm_us": 30.0},
+                  "4096x14336": {"config": gemv, "us": 15.0, "tinygemm_us": 18.5}},
            "decode": {"6144x4096": {"config": {**cfg, "block_n": 128}, "us": 50.0, "tinygemm_us": 40.0}}})
+    # a GEMV row (the tune script writes both new fields) runs the GEMV at M = 1 on that shape, and only there
+    assert tg.w4_config(1, 4096, 14336) == tg.W4Config(16, 256, 4, 2, gemv=True, step_blocks=1)
+    assert not tg.w4_config(8, 4096, 14336).gemv and not tg.w4_config(1, 6144, 4096).gemv
+    assert runtime.int4_decode_plan("triton_w4a16", "tinygemm", 4096, 14336, "x") == {
+        "m1": "triton_w4a16", "decode": "tinygemm"}
     assert tg.w4_beats_tinygemm(1, 6144, 4096) is True and tg.w4_beats_tinygemm(8, 6144, 4096) is False
     assert tg.w4_beats_tinygemm(1, 4096, 4096) is None  # not tuned
     assert tg.w4_config(1, 6144, 4096) == tg.W4Config(**cfg)  # the table's settings, as measured
