@@ -41,8 +41,9 @@ Llama-3.1-8B = its 7 GEMMs, CUDA-graph replay, activation quantization included 
 - int4: tinygemm 79 us at M=1 (1.70x), 163 us at M=8 (0.86x), 268 us at M=16; quantkit's Triton W4A16 (rewritten
   for the tensor cores 2026-12-04, bench/w4a16_tune.py on the 8B shapes: 80 us per layer at M = 8 against
   tinygemm's 154 and gemlite's 123, 78 us at M = 1 against tinygemm's 68) takes M = 2..16; the plan per shape and
-  regime follows kernels/w4a16_configs.json (`int4_decode_plan`); prefill: one-pass Triton dequantization +
-  cuBLAS 920 us (0.74x), torch ops 5.1 ms.
+  regime follows kernels/w4a16_configs.json (`int4_decode_plan`; a table row may pick its M = 1 GEMV, not yet
+  measured on a GPU, so the shipped table has none); prefill: one-pass Triton dequantization + cuBLAS 920 us
+  (0.74x), torch ops 5.1 ms.
 | format      | CUDA, M <= 16 (decode)                           | CUDA, M > 16 (prefill)                 | CPU     |
 |-------------|--------------------------------------------------|----------------------------------------|---------|
 | fp8, fp8_pt | torch._scaled_mm (sm89+; M padded to 16; row-wise | torch._scaled_mm                       | dequant |
